@@ -1,0 +1,76 @@
+"""CRePE scoring configuration (pydantic, framework-free)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+__all__ = ["CRePEConfig", "RIA_CONFIG", "Coef", "KernelSize", "KernelName", "Border", "NeighborMap"]
+
+
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError(f"coefficient must be finite, got {v}")
+    return v
+
+
+def _odd(v: int) -> int:
+    if v % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (the window is centred on the weight), got {v}")
+    return v
+
+
+# Field types shared by CRePEConfig and the modifiers, so both validate alike.
+Coef = Annotated[float, Field(ge=0.0), AfterValidator(_finite)]
+KernelSize = Annotated[int, Field(ge=1), AfterValidator(_odd)]
+KernelName = Literal["box", "gaussian"]
+Border = Literal["mean", "zero", "reflect", "replicate"]
+NeighborMap = Literal["ri", "score"]
+
+
+class CRePEConfig(BaseModel):
+    """Coefficients of the CRePE importance score.
+
+    score = (row_coef * |W|/rowsum + col_coef * |W|/colsum + neighbor_coef * N_k(map))
+            * ||X_j|| ** act_exponent
+
+    With row_coef = col_coef = 1, neighbor_coef = 0 and act_exponent = 0.5 this is
+    exactly RIA (Zhang et al., ICLR 2024). See docs/method.md for every choice.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    row_coef: Coef = Field(1.0, description="weight of |W| / row sum (sum over inputs)")
+    col_coef: Coef = Field(1.0, description="weight of |W| / column sum (sum over outputs)")
+    neighbor_coef: Coef = Field(0.0, description="weight of the k x k neighborhood term")
+    kernel_size: KernelSize = Field(3, description="odd side length k of the neighborhood window")
+    kernel: KernelName = Field("box", description="window weights")
+    act_exponent: Coef = Field(0.5, description="exponent a on the input norm ||X_j||")
+    border: Border = Field(
+        "mean",
+        description=(
+            "what the window sees past the matrix edge: 'mean' renormalises the kernel over "
+            "in-bounds cells, 'zero' pads with zeros, 'reflect'/'replicate' mirror or repeat the edge"
+        ),
+    )
+    neighbor_map: NeighborMap = Field(
+        "ri",
+        description=(
+            "map the window runs over: 'ri' = the weighted relative-importance map before the "
+            "activation factor, 'score' = after it"
+        ),
+    )
+
+    @property
+    def is_ria(self) -> bool:
+        return (
+            self.row_coef == 1.0
+            and self.col_coef == 1.0
+            and self.neighbor_coef == 0.0
+            and self.act_exponent == 0.5
+        )
+
+
+RIA_CONFIG = CRePEConfig()

@@ -1,0 +1,18 @@
+"""llm-compressor glue. Importing ``crepe_plugin`` calls ``register()``."""
+
+from .pruning import CRePEPruningModifier, RIAPruningModifier
+
+__all__ = ["CRePEPruningModifier", "RIAPruningModifier", "register", "MODIFIERS"]
+
+MODIFIERS = {
+    "CRePEPruningModifier": CRePEPruningModifier,
+    "RIAPruningModifier": RIAPruningModifier,
+}
+
+
+def register() -> None:
+    """Register our modifiers with llm-compressor's ModifierFactory (idempotent)."""
+    from llmcompressor.modifiers import ModifierFactory
+
+    for name, cls in MODIFIERS.items():
+        ModifierFactory.register(name, cls)

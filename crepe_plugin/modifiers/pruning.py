@@ -1,0 +1,338 @@
+"""CRePEPruningModifier and RIAPruningModifier: llm-compressor 0.14 glue around crepe_plugin.core.
+
+Memory profile as WandaPruningModifier: one input-norm vector per targeted Linear, and
+one score matrix at a time while a layer is pruned (at the end of its sequential epoch).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+import torch
+from compressed_tensors.utils import (
+    align_module_device,
+    get_execution_device,
+    match_named_modules,
+    match_targets,
+    update_offload_parameter,
+)
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers import Modifier
+from llmcompressor.utils.pytorch.module import infer_sequential_targets
+
+from ..core import (
+    CRePEConfig,
+    InputNormStats,
+    LayerShapeError,
+    PruningError,
+    crepe_scores,
+    parse_structure,
+    prune_mask,
+    weight_out_in,
+)
+from ..core.config import Border, Coef, KernelName, KernelSize, NeighborMap
+from ..record import RECORD_KEY, merge_record, new_record
+from .save import keep_record_on_save
+
+__all__ = ["CRePEPruningModifier", "RIAPruningModifier"]
+
+_PRUNABLE = ("Linear", "Conv1D")
+SparsityArg = float | list[float] | dict[str, float] | None
+
+
+def _is_prunable(module: torch.nn.Module) -> bool:
+    return type(module).__name__ in _PRUNABLE or isinstance(module, torch.nn.Linear)
+
+
+def _key_matches(key: str, name: str) -> bool:
+    """A sparsity-map key matches a module by exact name, name prefix, or 're:' regex."""
+    if key.startswith("re:"):
+        return re.match(key[3:], name) is not None
+    return name == key or name.startswith(key + ".")
+
+
+def _check_fraction(v: float, where: str) -> float:
+    v = float(v)
+    if not (0.0 <= v < 1.0):
+        raise ValueError(f"{where}: sparsity must be in [0, 1), got {v}")
+    return v
+
+
+class CRePEPruningModifier(Modifier):
+    """One-shot CRePE pruning (RIA generalised with adaptive coefficients and a k x k
+    neighborhood term). See docs/method.md.
+
+    Sample yaml:
+
+    ```yaml
+    sparsity_stage:
+      sparsity_modifiers:
+        CRePEPruningModifier:
+          mask_structure: "2:4"
+          row_coef: 1.0
+          col_coef: 1.0
+          neighbor_coef: 0.0
+          kernel_size: 3
+          ignore: ["re:.*lm_head"]
+    ```
+
+    :param sparsity: fraction pruned: a float, a list with one value per decoder layer,
+        or a dict {module name, name prefix or 're:' regex: value} (first match wins; a
+        'default' key covers the rest). For N:M structures it defaults to N/M and every
+        value must be N/M or 0 (0 leaves the layer dense).
+    :param mask_structure: "N:M" (prune N of every M consecutive inputs) or "0:0".
+    :param scope: unstructured only: "matrix" (one threshold per matrix, RIA) or "row".
+    :param targets: module classes, names or 're:' regexes to prune (containers such as a
+        decoder layer expand to their Linear layers).
+    :param ignore: modules never pruned. Defaults to the lm_head.
+    """
+
+    requires_calibration_data: bool = True
+
+    sparsity: SparsityArg = None
+    mask_structure: str = "0:0"
+    scope: Literal["matrix", "row"] = "matrix"
+    targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
+
+    row_coef: Coef = 1.0
+    col_coef: Coef = 1.0
+    neighbor_coef: Coef = 0.0
+    kernel_size: KernelSize = 3
+    kernel: KernelName = "box"
+    act_exponent: Coef = 0.5
+    border: Border = "mean"
+    neighbor_map: NeighborMap = "ri"
+
+    method_name: ClassVar[str] = "crepe"
+
+    _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
+    _sparsities: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
+    _stats: dict[torch.nn.Module, InputNormStats] = PrivateAttr(default_factory=dict)
+    _pruned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+
+    # ---------------------------------------------------------------- validation
+    @field_validator("mask_structure", mode="before")
+    @classmethod
+    def _valid_structure(cls, v: Any) -> str:
+        n, m = parse_structure(str(v))
+        return f"{n}:{m}"
+
+    @field_validator("sparsity", mode="after")
+    @classmethod
+    def _valid_sparsity(cls, v: SparsityArg) -> SparsityArg:
+        if v is None:
+            return v
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("sparsity: the per-layer map is empty")
+            return {k: _check_fraction(x, f"sparsity[{k!r}]") for k, x in v.items()}
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("sparsity: the per-layer list is empty")
+            return [_check_fraction(x, f"sparsity[{i}]") for i, x in enumerate(v)]
+        return _check_fraction(v, "sparsity")
+
+    @model_validator(mode="after")
+    def _valid_combination(self) -> "CRePEPruningModifier":
+        n, m = parse_structure(self.mask_structure)
+        if n == 0:
+            if self.sparsity is None:
+                raise ValueError("sparsity is required for unstructured pruning (mask_structure '0:0')")
+            return self
+        implied = n / m
+        values = (
+            [self.sparsity]
+            if isinstance(self.sparsity, float)
+            else list(self.sparsity.values())
+            if isinstance(self.sparsity, dict)
+            else list(self.sparsity or [])
+        )
+        for x in values:
+            if x not in (0.0, implied) and abs(x - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity {x} conflicts with mask_structure '{self.mask_structure}', which "
+                    f"prunes exactly {implied:g}; use {implied:g} (or 0 to keep a layer dense), "
+                    "or mask_structure '0:0' for unstructured"
+                )
+        return self
+
+    @property
+    def crepe_config(self) -> CRePEConfig:
+        return CRePEConfig(**{k: getattr(self, k) for k in CRePEConfig.model_fields})
+
+    # ---------------------------------------------------------------- lifecycle
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        model = state.model
+        modules = self._resolve_modules(model)
+        if not modules:
+            raise PruningError(
+                f"{type(self).__name__}: targets {self.targets} (ignore {self.ignore}) match no "
+                "Linear layer in the model"
+            )
+        sparsities = self._resolve_sparsities(model, modules, kwargs.get("sequential_targets"))
+        n, m = parse_structure(self.mask_structure)
+        for name, module in modules.items():
+            if n and sparsities[name] > 0:
+                cols = weight_out_in(module).shape[1]
+                if cols % m:
+                    raise LayerShapeError(
+                        f"layer '{name}': input dimension {cols} is not divisible by M={m} for "
+                        f"{self.mask_structure} sparsity; add it to `ignore`"
+                    )
+        self._names = {mod: name for name, mod in modules.items() if sparsities[name] > 0}
+        self._sparsities = {mod: sparsities[name] for name, mod in modules.items() if sparsities[name] > 0}
+        logger.info(
+            f"{type(self).__name__}: {len(self._names)} layers to prune "
+            f"({self.mask_structure if n else f'{self.scope} unstructured'}), config {self.crepe_config}"
+        )
+        return True
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        for module in self._names:
+            self.register_hook(module, self._calibrate, "forward")
+
+    def _calibrate(self, module: torch.nn.Module, args: tuple, _output: torch.Tensor):
+        stats = self._stats.get(module)
+        if stats is None:
+            stats = InputNormStats(weight_out_in(module).shape[1], device=get_execution_device(module))
+            self._stats[module] = stats
+        stats.update(args[0])
+
+    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        self._compress_calibrated()
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs):
+        self.remove_hooks()
+        self._compress_calibrated()
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if not self.ended_:
+            self.remove_hooks()
+        missing = [self._names[m] for m in self._names if self._names[m] not in self._pruned]
+        if missing:
+            raise PruningError(
+                f"{type(self).__name__}: {len(missing)} layers received no calibration data and were "
+                f"not pruned (first: '{missing[0]}'); check the calibration dataset"
+            )
+        cfg = state.model.config if hasattr(state.model, "config") else None
+        if cfg is not None:
+            record = new_record(
+                self.method_name,
+                self._pruned,
+                config={**self.crepe_config.model_dump(), "scope": self.scope},
+                targets=self.targets if isinstance(self.targets, list) else [self.targets],
+                ignore=list(self.ignore),
+            )
+            setattr(cfg, RECORD_KEY, merge_record(getattr(cfg, RECORD_KEY, None), record))
+            keep_record_on_save(state.model)
+        self._stats.clear()
+        return True
+
+    # ---------------------------------------------------------------- internals
+    def _resolve_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        found: dict[str, torch.nn.Module] = {}
+        for name, module in match_named_modules(model, targets, self.ignore):
+            if _is_prunable(module):
+                found[name] = module
+                continue
+            for sub, child in match_named_modules(module, list(_PRUNABLE), None):
+                full = f"{name}.{sub}" if sub else name
+                if not match_targets(full, child, self.ignore):
+                    found[full] = child
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+    def _resolve_sparsities(
+        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], seq_targets
+    ) -> dict[str, float]:
+        n, m = parse_structure(self.mask_structure)
+        sp = self.sparsity
+        if sp is None:
+            sp = n / m
+        if isinstance(sp, float):
+            return {name: sp for name in modules}
+        if isinstance(sp, dict):
+            unused = {k for k in sp if k != "default"}
+            out = {}
+            for name in modules:
+                key = next((k for k in sp if k != "default" and _key_matches(k, name)), None)
+                if key is None:
+                    if "default" not in sp:
+                        raise PruningError(
+                            f"sparsity map has no entry for layer '{name}'; add one or a 'default' key"
+                        )
+                    out[name] = sp["default"]
+                else:
+                    unused.discard(key)
+                    out[name] = sp[key]
+            if unused:
+                raise PruningError(f"sparsity map keys match no targeted layer: {sorted(unused)}")
+            return out
+        # list: one value per decoder layer (the sequential targets)
+        seq = infer_sequential_targets(model, sequential_targets=seq_targets)
+        layers = [name for name, _ in match_named_modules(model, seq)]
+        if len(sp) != len(layers):
+            raise PruningError(
+                f"sparsity list has {len(sp)} values but the model has {len(layers)} decoder "
+                f"layers ({seq}); give one value per layer, or a dict keyed by module name"
+            )
+        out = {}
+        for name in modules:
+            idx = next((i for i, ln in enumerate(layers) if name.startswith(ln + ".")), None)
+            if idx is None:
+                raise PruningError(f"layer '{name}' is outside every decoder layer; use a sparsity dict")
+            out[name] = sp[idx]
+        return out
+
+    def _compress_calibrated(self) -> None:
+        cfg = self.crepe_config
+        n, _ = parse_structure(self.mask_structure)
+        for module in list(self._stats):
+            name = self._names[module]
+            stats = self._stats.pop(module)
+            sparsity = self._sparsities[module]
+            with torch.no_grad(), align_module_device(module):
+                w = weight_out_in(module).detach()
+                scores = crepe_scores(w, stats.value(name), cfg, layer_name=name)
+                mask = prune_mask(scores, sparsity, self.mask_structure, self.scope, layer_name=name)
+                del scores
+                pruned = w.masked_fill(mask, 0)
+                if pruned.shape != module.weight.shape:
+                    pruned = pruned.t()
+                update_offload_parameter(module, "weight", pruned.contiguous())
+            density = 1.0 - float(mask.float().mean())
+            logger.info(f"{name}: pruned with {stats.num_samples} samples, density {density:.4f}")
+            self._pruned[name] = {
+                "structure": self.mask_structure if n else "0:0",
+                "sparsity": round(1.0 - density, 6),
+            }
+
+
+class RIAPruningModifier(CRePEPruningModifier):
+    """RIA (Zhang et al., ICLR 2024): CRePE with row_coef = col_coef = 1, no neighborhood
+    term. ``act_exponent`` (RIA's ``a``) stays tunable; default 0.5.
+
+    ```yaml
+    sparsity_stage:
+      sparsity_modifiers:
+        RIAPruningModifier:
+          mask_structure: "2:4"
+    ```
+    """
+
+    method_name: ClassVar[str] = "ria"
+
+    @model_validator(mode="after")
+    def _ria_only(self) -> "RIAPruningModifier":
+        if self.row_coef != 1.0 or self.col_coef != 1.0 or self.neighbor_coef != 0.0:
+            raise ValueError(
+                "RIAPruningModifier fixes row_coef = col_coef = 1 and neighbor_coef = 0; "
+                "use CRePEPruningModifier to change them"
+            )
+        return self

@@ -1,0 +1,60 @@
+"""The checkpoint record: our N:M structure under a top-level config.json key.
+
+compressed-tensors >= 0.15 writes ``sparsity_config: {}`` and vLLM 0.33 rejects any
+sparsity_config with targets, so the structure lives under a key of our own that
+transformers keeps through load/save and vLLM ignores. JSON only: no framework imports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RECORD_KEY = "crepe_sparsity"
+RECORD_FORMAT = 1
+
+__all__ = ["RECORD_KEY", "RECORD_FORMAT", "new_record", "merge_record", "read_record"]
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def new_record(
+    method: str, modules: dict[str, dict[str, Any]], config: dict[str, Any] | None = None, **extra
+) -> dict[str, Any]:
+    """modules: {module_name: {"structure": "2:4" | "0:0", "sparsity": float}}."""
+    structures = sorted({m["structure"] for m in modules.values()})
+    return {
+        "format": RECORD_FORMAT,
+        "plugin_version": _version(),
+        "method": method,
+        "structure": structures[0] if len(structures) == 1 else "mixed",
+        "config": dict(config or {}),
+        "modules": dict(sorted(modules.items())),
+        **extra,
+    }
+
+
+def merge_record(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Combine records of several pruning modifiers applied in one run."""
+    if not old:
+        return new
+    modules = {**old.get("modules", {}), **new.get("modules", {})}
+    merged = {**old, **new, "modules": dict(sorted(modules.items()))}
+    structures = sorted({m["structure"] for m in modules.values()})
+    merged["structure"] = structures[0] if len(structures) == 1 else "mixed"
+    if old.get("method") != new.get("method"):
+        merged["method"] = f"{old.get('method')}+{new.get('method')}"
+    return merged
+
+
+def read_record(model_dir: str | Path) -> dict[str, Any] | None:
+    """The record of a saved checkpoint, or None if it has none."""
+    cfg = Path(model_dir) / "config.json"
+    with open(cfg) as f:
+        data = json.load(f)
+    return data.get(RECORD_KEY)
