@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CREPE_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+CALIB_TEXT = (
+    "The tower is 324 metres tall, about the same height as an 81-storey building. "
+    "Its base is square, measuring 125 metres on each side. During its construction, "
+    "it surpassed the Washington Monument to become the tallest man-made structure. "
+) * 40
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    valid = SHARED_DATA / "wikitext2" / "wiki.valid.tokens.txt"
+    p = tmp_path_factory.mktemp("data") / "calib.txt"
+    p.write_text(valid.read_text()[:60000] if valid.exists() else CALIB_TEXT)
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from crepe_plugin.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def calib_dataset(n=8, chars=256, text=CALIB_TEXT):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": [text[i * chars : (i + 1) * chars] for i in range(n)]})

@@ -1,0 +1,190 @@
+"""CRePEPruningModifier / RIAPruningModifier through llm-compressor's real oneshot."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+import crepe_plugin  # noqa: F401  (registers the modifiers)
+from crepe_plugin import CRePEConfig, crepe_scores, is_nm, prune_mask
+from crepe_plugin.core import InputNormStats, LayerShapeError, NonFiniteError, PruningError
+from crepe_plugin.record import RECORD_KEY, read_record
+from crepe_plugin.testing import tiny_llama, tiny_tokenizer
+
+from .conftest import calib_dataset
+
+llmc = pytest.importorskip("llmcompressor")
+from llmcompressor import oneshot  # noqa: E402
+from llmcompressor.recipe import Recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _run(model, recipe, out=None, n=8):
+    if isinstance(model, torch.nn.Module) and not model.config.name_or_path:
+        # llm-compressor 0.14's oneshot re-reads the config from name_or_path
+        import tempfile
+
+        d = tempfile.mkdtemp(prefix="crepe-cfg-")
+        model.config.save_pretrained(d)
+        model.config._name_or_path = d
+    return oneshot(
+        model=model,
+        tokenizer=tiny_tokenizer(),
+        dataset=calib_dataset(n),
+        recipe=recipe,
+        num_calibration_samples=n,
+        max_seq_length=128,
+        output_dir=str(out) if out else None,
+    )
+
+
+def _recipe(body: str) -> str:
+    return "sparsity_stage:\n  sparsity_modifiers:\n" + body
+
+
+def test_registered_with_factory():
+    from llmcompressor.modifiers import ModifierFactory
+
+    assert ModifierFactory._registered_registry["CRePEPruningModifier"] is crepe_plugin.CRePEPruningModifier
+    assert ModifierFactory._registered_registry["RIAPruningModifier"] is crepe_plugin.RIAPruningModifier
+
+
+@pytest.mark.parametrize("recipe", ["crepe_2of4.yaml", "ria_2of4.yaml"])
+def test_yaml_recipe_oneshot_saves_exact_2of4(tmp_path, tiny_model_dir, recipe):
+    dense = load_file(tiny_model_dir / "model.safetensors")
+    out = tmp_path / "out"
+    _run(str(tiny_model_dir), str(ROOT / "recipes" / recipe), out)
+    tensors = load_file(out / "model.safetensors")
+    rec = read_record(out)
+    assert rec["structure"] == "2:4" and rec["method"] == recipe.split("_")[0]
+    pruned = {k for k in tensors if any(t in k for t in TARGETS) and k.endswith("weight")}
+    assert len(pruned) == 2 * 7
+    for k in pruned:
+        assert is_nm(tensors[k], 2, 4), k
+        assert (tensors[k] == 0).float().mean() == 0.5
+        assert k.removesuffix(".weight") in rec["modules"]
+    for k, v in tensors.items():  # ignored / untargeted modules untouched
+        if k not in pruned:
+            assert torch.equal(v, dense[k]), k
+    # transformers loads it and keeps the record
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(out)
+    assert getattr(m.config, RECORD_KEY)["structure"] == "2:4"
+
+
+def test_unstructured_recipe(tmp_path, tiny_model_dir):
+    out = tmp_path / "u"
+    _run(str(tiny_model_dir), str(ROOT / "recipes" / "crepe_unstructured50.yaml"), out)
+    t = load_file(out / "model.safetensors")
+    w = t["model.layers.1.mlp.up_proj.weight"]
+    # RIA's threshold prunes int(n * s) + 1 weights
+    assert int((w == 0).sum()) == int(w.numel() * 0.5) + 1
+    assert read_record(out)["structure"] == "0:0"
+
+
+def test_ria_modifier_mask_equals_core_on_first_layer():
+    """The modifier's statistics and mask equal the core applied to captured inputs."""
+    model = tiny_llama(seed=3)
+    q = model.model.layers[0].self_attn.q_proj
+    w0 = q.weight.detach().clone()
+    stats = InputNormStats(w0.shape[1])
+    h = q.register_forward_hook(lambda m, a, o: stats.update(a[0]))
+    tok = tiny_tokenizer()
+    with torch.no_grad():
+        for row in calib_dataset(8):
+            model(**tok(row["text"], return_tensors="pt", truncation=True, max_length=128))
+    h.remove()
+    expected = w0.masked_fill(prune_mask(crepe_scores(w0, stats.value(), CRePEConfig()), structure="2:4"), 0)
+    _run(model, _recipe("    RIAPruningModifier:\n      mask_structure: '2:4'\n"))
+    assert torch.equal(q.weight.detach(), expected)
+
+
+def test_bf16_model_prunes_with_fp32_stats():
+    model = tiny_llama(dtype=torch.bfloat16)
+    _run(model, _recipe("    CRePEPruningModifier:\n      mask_structure: '2:4'\n      neighbor_coef: 0.2\n"))
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert w.dtype == torch.bfloat16 and is_nm(w, 2, 4)
+    assert torch.isfinite(w.float()).all()
+
+
+def test_per_layer_sparsity_dict_and_list():
+    model = tiny_llama()
+    _run(
+        model,
+        _recipe(
+            "    CRePEPruningModifier:\n      mask_structure: '0:0'\n      sparsity:\n"
+            "        're:.*mlp.*': 0.7\n        model.layers.0: 0.3\n        default: 0.5\n"
+        ),
+    )
+    z = lambda m: float((m.weight == 0).float().mean())  # noqa: E731
+    assert abs(z(model.model.layers[1].mlp.up_proj) - 0.7) < 0.01
+    assert abs(z(model.model.layers[0].mlp.up_proj) - 0.7) < 0.01  # first key wins
+    assert abs(z(model.model.layers[0].self_attn.q_proj) - 0.3) < 0.01
+    assert abs(z(model.model.layers[1].self_attn.q_proj) - 0.5) < 0.01
+    model = tiny_llama()
+    _run(model, _recipe("    CRePEPruningModifier:\n      sparsity: [0.2, 0.6]\n"))
+    assert abs(z(model.model.layers[0].mlp.down_proj) - 0.2) < 0.01
+    assert abs(z(model.model.layers[1].mlp.down_proj) - 0.6) < 0.01
+
+
+def test_nm_with_dense_layer_via_zero_sparsity():
+    model = tiny_llama()
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    _run(model, _recipe("    CRePEPruningModifier:\n      mask_structure: '2:4'\n      sparsity: {'re:.*layers.0.mlp.down_proj': 0.0, default: 0.5}\n"))
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+    assert is_nm(model.model.layers[1].mlp.down_proj.weight, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("mask_structure: '3:2'", "0 < N < M"),
+        ("sparsity: 1.0", r"\[0, 1\)"),
+        ("sparsity: -0.1", r"\[0, 1\)"),
+        ("mask_structure: '2:4'\n      kernel_size: 4", "odd"),
+        ("mask_structure: '2:4'\n      row_coef: -1.0", "greater than or equal to 0"),
+        ("mask_structure: '2:4'\n      sparsity: 0.7", "conflicts with mask_structure"),
+        ("mask_structure: '0:0'", "sparsity is required"),
+        ("mask_structure: '2:4'\n      kernal_size: 3", "kernal_size"),
+    ],
+)
+def test_recipe_validation_errors(body, match):
+    with pytest.raises(ValidationError, match=match):
+        Recipe.create_instance(_recipe("    CRePEPruningModifier:\n      " + body + "\n"))
+
+
+def test_ria_rejects_crepe_coefficients():
+    with pytest.raises(ValidationError, match="CRePEPruningModifier"):
+        Recipe.create_instance(_recipe("    RIAPruningModifier:\n      neighbor_coef: 0.1\n      mask_structure: '2:4'\n"))
+
+
+def test_indivisible_layer_error_names_layer():
+    with pytest.raises(LayerShapeError, match=r"layer 'model.layers.0.self_attn.q_proj'.*ignore"):
+        _run(tiny_llama(), _recipe("    CRePEPruningModifier:\n      mask_structure: '3:7'\n"))
+
+
+def test_nan_weight_error_names_layer():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="model.layers.1.mlp.gate_proj"):
+        _run(model, _recipe("    CRePEPruningModifier:\n      mask_structure: '2:4'\n"))
+
+
+def test_targets_matching_nothing_is_error():
+    with pytest.raises(PruningError, match="match no"):
+        _run(tiny_llama(), _recipe("    CRePEPruningModifier:\n      mask_structure: '2:4'\n      targets: ['re:.*nothing']\n"))
+
+
+def test_record_is_valid_json_in_saved_config(tmp_path, tiny_model_dir):
+    out = tmp_path / "o"
+    _run(str(tiny_model_dir), _recipe("    CRePEPruningModifier:\n      mask_structure: '2:4'\n      neighbor_coef: 0.1\n"), out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg[RECORD_KEY]["config"]["neighbor_coef"] == 0.1
+    assert cfg[RECORD_KEY]["plugin_version"] == crepe_plugin.__version__
