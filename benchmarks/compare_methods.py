@@ -1,0 +1,130 @@
+"""Side-by-side: dense, magnitude, Wanda, SparseGPT (llm-compressor), RIA and CRePE.
+
+Each method runs in its own subprocess (so peak memory is its own), at 2:4 and at 50%
+unstructured, and appends a JSON line to --results as soon as it finishes; the table is
+printed from that file (rerun with --table-only to print it again).
+
+usage:
+  python benchmarks/compare_methods.py --model smollm2 \
+      --calib ../shared/data/wikitext2/wiki.valid.tokens.txt \
+      --eval ../shared/data/wikitext2/wiki.test.raw.txt \
+      --num-samples 64 --seqlen 512 --eval-seqlen 1024 --max-segments 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = {
+    "dense": None,
+    "magnitude": None,
+    "wanda": "WandaPruningModifier",
+    "sparsegpt": "SparseGPTModifier",
+    "ria": "RIAPruningModifier",
+    "crepe": "CRePEPruningModifier",
+}
+DEFAULT_ORDER = [
+    ("dense", "-"), ("magnitude", "2:4"), ("magnitude", "0:0"),
+    ("wanda", "2:4"), ("sparsegpt", "2:4"), ("ria", "2:4"), ("crepe", "2:4"),
+    ("wanda", "0:0"), ("sparsegpt", "0:0"), ("ria", "0:0"), ("crepe", "0:0"),
+]  # fmt: skip
+
+
+def recipe_for(method: str, structure: str) -> str:
+    mod = METHODS[method]
+    lines = [f"    {mod}:", "      sparsity: 0.5", f"      mask_structure: '{structure}'", "      ignore: ['re:.*lm_head']"]
+    return "sparsity_stage:\n  sparsity_modifiers:\n" + "\n".join(lines) + "\n"
+
+
+def run_one(a) -> dict:
+    import torch
+
+    import crepe_plugin  # noqa: F401
+    from crepe_plugin.core import prune_mask
+    from crepe_plugin.data import calibration_dataset, read_text
+    from crepe_plugin.evaluate import perplexity
+    from crepe_plugin.pipeline import resolve_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(a.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seconds = 0.0
+    t0 = time.perf_counter()
+    if a.method == "magnitude":
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if isinstance(m, torch.nn.Linear) and "lm_head" not in name:
+                    m.weight.masked_fill_(prune_mask(m.weight.abs(), 0.5, a.structure, "row"), 0)
+        seconds = time.perf_counter() - t0
+    elif a.method != "dense":
+        from llmcompressor import oneshot
+
+        ds = calibration_dataset(a.calib, tok, a.num_samples, a.seqlen)
+        t0 = time.perf_counter()
+        oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe_for(a.method, a.structure),
+                num_calibration_samples=a.num_samples, max_seq_length=a.seqlen)  # fmt: skip
+        seconds = time.perf_counter() - t0
+    ppl = perplexity(model, tok, read_text(a.eval), a.eval_seqlen, a.max_segments, progress=False)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method": a.method, "structure": a.structure, "ppl": ppl, "seconds": seconds, "peak_rss_mb": peak_mb,
+            "num_samples": a.num_samples, "seqlen": a.seqlen, "model": a.model}  # fmt: skip
+
+
+def table(results: Path) -> str:
+    rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()]
+    out = ["| method | structure | perplexity | prune wall s | peak RSS MB |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        s = {"0:0": "50% unstructured", "-": "-"}.get(r["structure"], r["structure"])
+        out.append(f"| {r['method']} | {s} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--calib", required=False)
+    ap.add_argument("--eval", required=False)
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--max-segments", type=int, default=16)
+    ap.add_argument("--results", default="benchmarks/results/compare_methods.jsonl")
+    ap.add_argument("--only", default=None, help="comma list of method:structure, e.g. ria:2:4,wanda:0:0")
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--structure", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    results = Path(a.results)
+    if a.method:  # child
+        print("RESULT " + json.dumps(run_one(a)), flush=True)
+        return
+    if not a.table_only:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        order = DEFAULT_ORDER
+        if a.only:
+            order = [(x.split(":", 1)[0], x.split(":", 1)[1]) for x in a.only.split(",")]
+        for method, structure in order:
+            cmd = [sys.executable, __file__, "--method", method, "--structure", structure]
+            for k in ("model", "calib", "eval", "num_samples", "seqlen", "eval_seqlen", "max_segments"):
+                cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+            print(f"== {method} {structure}", flush=True)
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if p.returncode or line is None:
+                print(p.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{method} {structure} failed")
+            with open(results, "a") as f:
+                f.write(line[7:] + "\n")
+            print(line[7:], flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The `crepe` command. Thin: every subcommand calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  crepe demo
+  crepe prune ./Llama-3.2-1B --recipe recipes/crepe_2of4.yaml --calib wiki.valid.tokens.txt --out ./llama-crepe-2of4
+  crepe prune meta-llama/Llama-3.2-1B --recipe recipes/crepe_2of4.yaml --calib wikitext:wikitext-2-raw-v1 --out out
+  crepe eval ./llama-crepe-2of4 --text wiki.test.raw.txt --seqlen 1024 --max-segments 16
+  crepe verify ./llama-crepe-2of4
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="crepe",
+        description="CRePE / RIA pruning for llm-compressor, with checkpoints vLLM serves as they are.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"crepe-plugin {_version()}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    pr = sub.add_parser(
+        "prune",
+        help="prune (and quantize) a model with a YAML recipe",
+        epilog="example:\n  crepe prune smollm2 --recipe recipes/crepe_2of4.yaml --calib wiki.valid.tokens.txt --out smol-2of4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("model", help="local directory, hub name, or 'smollm2' (embedded)")
+    pr.add_argument("--recipe", required=True, help="llm-compressor YAML recipe")
+    pr.add_argument("--calib", required=True, help="text file, local dataset dir, or hub dataset 'name[:config]'")
+    pr.add_argument("--out", required=True, help="output directory (written atomically)")
+    pr.add_argument("--num-samples", type=int, default=128)
+    pr.add_argument("--seqlen", type=int, default=2048)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--overwrite", action="store_true")
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity (non-overlapping segments, exp of mean NLL)",
+        epilog="example:\n  crepe eval smol-2of4 --text wiki.test.raw.txt --seqlen 1024 --max-segments 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("model")
+    ev.add_argument("--text", required=True, help="text file, local dataset dir, or hub dataset 'name[:config]'")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--seqlen", type=int, default=1024)
+    ev.add_argument("--max-segments", type=int, default=None)
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", action="store_true", help="print a JSON line")
+
+    ve = sub.add_parser(
+        "verify",
+        help="check per-layer N:M structure and density from the safetensors",
+        epilog="example:\n  crepe verify smol-2of4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ve.add_argument("dir")
+    ve.add_argument("--structure", default=None, help="pattern to report unrecorded layers against (default 2:4)")
+    ve.add_argument("--json", action="store_true")
+
+    de = sub.add_parser(
+        "demo",
+        help="SmolLM2-135M: prune 2:4 with CRePE and Wanda, evaluate, save and verify",
+        epilog="example:\n  crepe demo --out crepe-demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    de.add_argument("--out", default="crepe-demo")
+    de.add_argument("--data-dir", default=None, help="folder holding wikitext2/ (default: $CREPE_DATA_DIR or ../shared/data)")
+    de.add_argument("--num-samples", type=int, default=64)
+    de.add_argument("--seqlen", type=int, default=512)
+    de.add_argument("--eval-seqlen", type=int, default=1024)
+    de.add_argument("--max-segments", type=int, default=16)
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line, not a traceback, for known input errors
+        from .core.errors import PruningError
+        from .pipeline import RecipeError
+        from .verify import CheckpointError
+
+        known = (PruningError, RecipeError, CheckpointError, FileExistsError, FileNotFoundError)
+        try:
+            from pydantic import ValidationError
+
+            known = known + (ValidationError,)
+        except ImportError:
+            pass
+        if isinstance(e, known):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args) -> int:
+    if args.cmd == "verify":
+        from .verify import verify_checkpoint
+
+        rep = verify_checkpoint(args.dir, args.structure)
+        if args.json:
+            print(json.dumps({"ok": rep.ok, "errors": rep.errors, "layers": [l.__dict__ for l in rep.layers]}, default=str))
+        else:
+            rec = rep.record
+            print(f"{rep.path}: " + (f"record {rec['method']} {rec['structure']} ({len(rec['modules'])} layers)" if rec else "no crepe_sparsity record"))
+            print(rep.table())
+            for e in rep.errors:
+                print(f"error: {e}", file=sys.stderr)
+            print("OK" if rep.ok else "FAILED")
+        return 0 if rep.ok else 1
+    if args.cmd == "eval":
+        import torch
+
+        from .data import read_text
+        from .evaluate import load_model, perplexity
+        from .pipeline import resolve_model
+
+        model, tok = load_model(resolve_model(args.model), dtype=getattr(torch, args.dtype), device=args.device)
+        ppl = perplexity(model, tok, read_text(args.text, args.split), args.seqlen, args.max_segments)
+        if args.json:
+            print(json.dumps({"model": args.model, "perplexity": ppl, "seqlen": args.seqlen, "max_segments": args.max_segments}))
+        else:
+            print(f"perplexity {ppl:.4f} ({args.model}, seqlen {args.seqlen})")
+        return 0
+    if args.cmd == "prune":
+        from .pipeline import prune
+
+        res = prune(args.model, args.recipe, args.calib, args.out, args.num_samples, args.seqlen, args.seed, args.overwrite)
+        print(f"saved {res['out']} ({res['seconds']:.1f}s); run `crepe verify {res['out']}`")
+        return 0
+    if args.cmd == "demo":
+        from .demo import demo
+
+        demo(args.out, args.data_dir, args.num_samples, args.seqlen, args.eval_seqlen, args.max_segments)
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

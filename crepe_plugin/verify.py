@@ -1,0 +1,222 @@
+"""Verify a saved checkpoint: per-layer N:M structure and density, read from safetensors.
+
+Handles dense weights, FP8 (``float-quantized``), INT8 (``int-quantized``) and packed INT4
+(``pack-quantized``) compressed-tensors weights. Needs torch and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .core.masks import parse_structure
+from .record import RECORD_KEY
+
+__all__ = ["LayerReport", "VerifyReport", "CheckpointError", "verify_checkpoint", "unpack_int4"]
+
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is incomplete or corrupt."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    fmt: str  # dense | fp8 | int8 | int4-packed
+    shape: tuple[int, ...]
+    density: float
+    nm_ok: bool | None  # None when no N:M is expected or checkable
+    recorded: str | None  # structure recorded for this layer, if any
+    violations: int = 0
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    record: dict | None
+    check_structure: tuple[int, int] | None
+    layers: list[LayerReport] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(l.nm_ok is not False for l in self.layers if l.recorded)
+
+    def table(self) -> str:
+        n, m = self.check_structure or (0, 0)
+        head = f"| layer | format | shape | density | {f'{n}:{m}' if n else 'N:M'} | recorded |"
+        lines = [head, "| --- | --- | --- | --- | --- | --- |"]
+        for l in self.layers:
+            nm = "-" if l.nm_ok is None else ("exact" if l.nm_ok else f"NO ({l.violations} groups)")
+            lines.append(
+                f"| {l.name} | {l.fmt} | {'x'.join(map(str, l.shape))} | {l.density:.4f} | {nm} | {l.recorded or '-'} |"
+            )
+        return "\n".join(lines)
+
+
+def _check_file(path: Path) -> dict:
+    """Parse a safetensors header and check the file holds every byte it promises."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path.name}: {size} bytes, too small to be a safetensors file")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path.name}: header length {n} exceeds the file ({size} bytes); truncated?")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path.name}: unreadable header ({e})") from e
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        start, stop = v["data_offsets"]
+        numel = 1
+        for d in v["shape"]:
+            numel *= d
+        if stop - start != numel * _DTYPE_BYTES.get(v["dtype"], 0) and v["dtype"] in _DTYPE_BYTES:
+            raise CheckpointError(f"{path.name}: tensor {k} has inconsistent size in its header")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"{path.name}: expected {8 + n + end} bytes from its header, found {size}; the file is truncated or corrupt"
+        )
+    return header
+
+
+def unpack_int4(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """compressed-tensors pack-quantized: 8 signed 4-bit values per int32 along the input
+    dim, stored offset by 8. Returns int8 values of ``shape``."""
+    p = packed.to(torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    nib = (p.unsqueeze(-1) >> shifts) & 0xF  # (rows, cols/8, 8)
+    vals = nib.reshape(p.shape[0], -1)[:, : shape[1]].to(torch.int8) - 8
+    return vals.reshape(shape)
+
+
+def _zero_point(get, name: str, q: torch.Tensor) -> torch.Tensor | None:
+    zp = get(f"{name}.weight_zero_point")
+    if zp is None:
+        return None
+    zp = zp.to(torch.int32)
+    if zp.numel() == 1:
+        return zp.reshape(1, 1)
+    if zp.dim() == 2 and zp.shape[1] not in (1, q.shape[1]):  # grouped
+        return zp.repeat_interleave(q.shape[1] // zp.shape[1], dim=1)
+    return zp.reshape(q.shape[0], -1)
+
+
+def _nm_violations(zero: torch.Tensor, n: int, m: int) -> int:
+    if zero.shape[-1] % m:
+        return -1
+    return int((zero.reshape(zero.shape[0], -1, m).sum(-1) < n).sum())
+
+
+def verify_checkpoint(path: str | Path, structure: str | None = None) -> VerifyReport:
+    """Inspect every 2-D weight of a saved checkpoint.
+
+    Layers recorded in config.json's ``crepe_sparsity`` record are checked against their
+    recorded structure and make the report fail if they break it. Other layers are
+    reported against ``structure`` (default 2:4) for information.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if (path / ".crepe-incomplete").exists():
+        raise CheckpointError(f"{path}: marked incomplete (an interrupted save)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json; not a model directory (or an interrupted save)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    record = config.get(RECORD_KEY)
+    recorded = {k: v["structure"] for k, v in (record or {}).get("modules", {}).items()}
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shards listed in the index are missing: {missing}")
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors files")
+        weight_map = None
+
+    keys: dict[str, str] = {}
+    for fname in files:
+        header = _check_file(path / fname)
+        for k in header:
+            if k != "__metadata__":
+                keys[k] = fname
+    if weight_map is not None:
+        absent = [k for k in weight_map if k not in keys]
+        if absent:
+            raise CheckpointError(f"{path}: {len(absent)} tensors listed in the index are missing, e.g. {absent[0]}")
+
+    report = VerifyReport(path=path, record=record, check_structure=parse_structure(structure or "2:4"))
+    handles = {f: safe_open(str(path / f), framework="pt") for f in files}
+
+    def get(k):
+        f = keys.get(k)
+        return handles[f].get_tensor(k) if f else None
+
+    names = sorted(
+        {k[: -len(".weight")] for k in keys if k.endswith(".weight")}
+        | {k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed")}
+    )
+    seen = set()
+    for name in names:
+        fmt, zero = _zero_mask(get, name, keys)
+        if zero is None:
+            continue
+        seen.add(name)
+        rec = recorded.get(name)
+        want = parse_structure(rec) if rec else report.check_structure
+        viol = _nm_violations(zero, *want) if want[0] else None
+        nm_ok = None if viol is None else viol == 0
+        report.layers.append(
+            LayerReport(name, fmt, tuple(zero.shape), 1.0 - float(zero.float().mean()), nm_ok, rec, max(viol or 0, 0))
+        )
+        if rec and want[0] and not nm_ok:
+            why = "its input dimension is not divisible by M" if viol == -1 else f"{viol} groups violate it"
+            report.errors.append(f"layer '{name}' is recorded as {rec} but {why}")
+    for name in recorded:
+        if name not in seen:
+            report.errors.append(f"layer '{name}' is in the record but has no weight in the checkpoint")
+    return report
+
+
+def _zero_mask(get, name: str, keys) -> tuple[str, torch.Tensor | None]:
+    """(format, bool tensor of pruned positions) for a 2-D weight, or (fmt, None) to skip."""
+    if f"{name}.weight_packed" in keys:
+        shape = tuple(int(x) for x in get(f"{name}.weight_shape").tolist())
+        q = unpack_int4(get(f"{name}.weight_packed"), shape)
+        zp = _zero_point(get, name, q)
+        return "int4-packed", (q.to(torch.int32) == (zp if zp is not None else 0))
+    w = get(f"{name}.weight")
+    if w is None or w.dim() != 2 or "embed" in name:
+        return "skip", None
+    if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return "fp8", w.to(torch.float32) == 0
+    if w.dtype == torch.int8:
+        zp = _zero_point(get, name, w)
+        return "int8", w.to(torch.int32) == (zp if zp is not None else 0)
+    if not w.is_floating_point():
+        return "skip", None
+    return "dense", w == 0

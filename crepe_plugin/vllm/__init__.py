@@ -1,0 +1,1 @@
+"""vLLM-side glue. Never imports llm-compressor."""

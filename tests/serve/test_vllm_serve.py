@@ -1,0 +1,71 @@
+"""A real vLLM engine serves a CRePE 2:4 checkpoint (runs in the serve venv).
+
+The checkpoint is produced by the real pipeline in the compression venv
+($CREPE_COMPRESS_PYTHON, default .venv-compress/bin/python): the two sides never share
+an environment, as with llmcompressor 0.14 and vLLM in practice.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPRESS_PY = os.environ.get("CREPE_COMPRESS_PYTHON", str(ROOT / ".venv-compress" / "bin" / "python"))
+SHARED = Path(os.environ.get("CREPE_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def pruned_checkpoint(tmp_path_factory) -> Path:
+    assert Path(COMPRESS_PY).exists(), f"compression env missing at {COMPRESS_PY}; run scripts/setup.sh"
+    d = tmp_path_factory.mktemp("serve")
+    calib = SHARED / "wikitext2" / "wiki.valid.tokens.txt"
+    if not calib.exists():
+        calib = d / "calib.txt"
+        calib.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    # head_dim 64: a size every vLLM CPU attention backend takes
+    subprocess.run(
+        [COMPRESS_PY, "-c", "from crepe_plugin.testing import save_tiny_llama as s; "
+         f"s({str(d / 'tiny')!r}, hidden=128, heads=2, kv_heads=1, intermediate=256)"],
+        check=True,
+    )  # fmt: skip
+    out = d / "crepe-2of4"
+    subprocess.run(
+        [COMPRESS_PY, "-m", "crepe_plugin.cli", "prune", str(d / "tiny"), "--recipe",
+         str(ROOT / "recipes" / "crepe_2of4.yaml"), "--calib", str(calib), "--out", str(out),
+         "--num-samples", "8", "--seqlen", "64"],
+        check=True,
+    )  # fmt: skip
+    return out
+
+
+def test_serving_side_never_imports_llmcompressor():
+    code = "import sys, crepe_plugin, crepe_plugin.vllm.check, crepe_plugin.verify; print('llmcompressor' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
+
+
+def test_vllm_serves_crepe_checkpoint(pruned_checkpoint):
+    """Offline vllm.LLM greedy tokens == transformers (fp32, 3 prompts x 16 tokens), and
+    the OpenAI-compatible server answers a completion on 127.0.0.1, then stops."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    r = subprocess.run(
+        [sys.executable, "-m", "crepe_plugin.vllm.check", str(pruned_checkpoint), "--max-tokens", "16", "--json"],
+        capture_output=True, text=True, env=env, timeout=900,
+    )  # fmt: skip
+    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, r.stdout[-3000:] + r.stderr[-5000:]
+    res = json.loads(line[7:])
+    assert res["structure_ok"] and res["record"] == "2:4"
+    assert all(len(t) == 16 for t in res["vllm_tokens"]) and len(res["vllm_tokens"]) == 3
+    assert res["vllm_tokens"] == res["transformers_tokens"]
+    assert res["server_ok"] and isinstance(res["server_text"], str) and res["server_text"]
+    assert r.returncode == 0
+
+
+def test_check_rejects_non_model_dir(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "crepe_plugin.vllm.check", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "not a model directory" in (r.stdout + r.stderr)
