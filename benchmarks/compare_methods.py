@@ -28,7 +28,10 @@ METHODS = {
     "sparsegpt": "SparseGPTModifier",
     "ria": "RIAPruningModifier",
     "crepe": "CRePEPruningModifier",
+    "ria+recon": "RIAPruningModifier",
+    "crepe+recon": "CRePEPruningModifier",
 }
+EXTRA = {"ria+recon": ["      reconstruct: true"], "crepe+recon": ["      reconstruct: true"]}
 DEFAULT_ORDER = [
     ("dense", "-"), ("magnitude", "2:4"), ("magnitude", "0:0"),
     ("wanda", "2:4"), ("sparsegpt", "2:4"), ("ria", "2:4"), ("crepe", "2:4"),
@@ -39,6 +42,7 @@ DEFAULT_ORDER = [
 def recipe_for(method: str, structure: str) -> str:
     mod = METHODS[method]
     lines = [f"    {mod}:", "      sparsity: 0.5", f"      mask_structure: '{structure}'", "      ignore: ['re:.*lm_head']"]
+    lines += EXTRA.get(method, [])
     return "sparsity_stage:\n  sparsity_modifiers:\n" + "\n".join(lines) + "\n"
 
 

@@ -188,3 +188,41 @@ def test_record_is_valid_json_in_saved_config(tmp_path, tiny_model_dir):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg[RECORD_KEY]["config"]["neighbor_coef"] == 0.1
     assert cfg[RECORD_KEY]["plugin_version"] == crepe_plugin.__version__
+
+
+def test_reconstruct_recipe_keeps_2of4_and_lowers_layer_error(tmp_path, tiny_model_dir):
+    """reconstruct: true updates kept weights (exact 2:4 still) and lowers the output error
+    of a first-layer projection on its calibration inputs versus masking alone."""
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    q = dense.model.layers[0].mlp.gate_proj
+    inputs = []
+    h = q.register_forward_hook(lambda m, a, o: inputs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    tok = tiny_tokenizer()
+    with torch.no_grad():
+        for row in calib_dataset(8):
+            dense(**tok(row["text"], return_tensors="pt", truncation=True, max_length=128))
+    h.remove()
+    X = torch.cat(inputs)
+    w0 = q.weight.detach().clone()
+
+    out = tmp_path / "r"
+    _run(str(tiny_model_dir), str(ROOT / "recipes" / "crepe_2of4_reconstruct.yaml"), out)
+    plain_out = tmp_path / "p"
+    _run(str(tiny_model_dir), str(ROOT / "recipes" / "crepe_2of4.yaml"), plain_out)
+    wr = load_file(out / "model.safetensors")["model.layers.0.mlp.gate_proj.weight"]
+    wp = load_file(plain_out / "model.safetensors")["model.layers.0.mlp.gate_proj.weight"]
+    assert is_nm(wr, 2, 4) and torch.equal(wr == 0, wp == 0)  # same mask (first layer)
+    err = lambda w: float(((X @ (w0 - w).t()) ** 2).sum())  # noqa: E731
+    assert err(wr) < 0.9 * err(wp)
+    rec = read_record(out)
+    assert rec["config"]["reconstruct"] is True and rec["config"]["refine_steps"] == 20
+    for k, v in load_file(out / "model.safetensors").items():
+        if k.removesuffix(".weight") in rec["modules"]:
+            assert is_nm(v, 2, 4), k
+
+
+def test_reconstruct_validation():
+    with pytest.raises(ValidationError, match="dampening_frac"):
+        Recipe.create_instance(_recipe("    CRePEPruningModifier:\n      mask_structure: '2:4'\n      reconstruct: true\n      dampening_frac: 0\n"))

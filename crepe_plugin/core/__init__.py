@@ -1,5 +1,6 @@
 """Framework-free pruning math: scores, masks, statistics. Imports torch and pydantic only."""
 
+from .compensation import HessianStats, compensate_fixed_mask, inverse_hessian_factor, refine_fixed_mask
 from .config import RIA_CONFIG, CRePEConfig
 from .errors import CalibrationError, LayerShapeError, NonFiniteError, PruningError
 from .layers import is_conv1d, weight_out_in
@@ -24,6 +25,10 @@ __all__ = [
     "nm_violations",
     "is_nm",
     "InputNormStats",
+    "HessianStats",
+    "compensate_fixed_mask",
+    "inverse_hessian_factor",
+    "refine_fixed_mask",
     "is_conv1d",
     "weight_out_in",
 ]

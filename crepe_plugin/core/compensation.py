@@ -1,0 +1,162 @@
+"""Fixed-mask error compensation (OBS / SparseGPT-style). Pure torch.
+
+One implementation serves weight reconstruction after CRePE / RIA / Wanda (``quantize``
+is None) and mask-preserving GPTQ (``quantize`` rounds each column): pruned positions
+stay exactly zero, and the error of every column is spread over the columns not yet
+processed through the inverse Hessian's Cholesky factor, blockwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .errors import CalibrationError, NonFiniteError, _where
+
+__all__ = ["HessianStats", "inverse_hessian_factor", "compensate_fixed_mask", "refine_fixed_mask"]
+
+
+class HessianStats:
+    """Running H = (2 / n_samples) * sum over tokens of x x^T, in float32 (SparseGPT's scaling).
+
+    ``diag(H) / 2`` equals the input statistic of the scores (mean over samples of ||X_j||^2).
+    """
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.num_samples = 0
+
+    def update(self, inp: torch.Tensor) -> None:
+        if inp.dim() == 2:
+            inp = inp.unsqueeze(0)
+        batch = inp.shape[0]
+        x = inp.detach().reshape(-1, inp.shape[-1]).to(self.H.device, torch.float32)
+        self.H.mul_(self.num_samples / (self.num_samples + batch))
+        self.num_samples += batch
+        x = x * (2.0 / self.num_samples) ** 0.5
+        self.H.addmm_(x.t(), x)
+
+    def input_sq_norm(self) -> torch.Tensor:
+        return torch.diagonal(self.H) / 2
+
+
+def inverse_hessian_factor(
+    H: torch.Tensor, dampening_frac: float = 0.01, layer_name: str | None = None, max_tries: int = 6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + damp I)^-1, and the mask of dead inputs.
+
+    Dead inputs (zero diagonal: never active in calibration) get H_jj = 1 so H stays
+    invertible; their weights are irrelevant to the calibration error. If the damped
+    Hessian is still not positive definite, dampening grows tenfold per try.
+    """
+    H = H.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    if not bool(torch.isfinite(H).all()):
+        raise NonFiniteError(f"{_where(layer_name)}: the input Hessian holds NaN/Inf (non-finite activations)")
+    mean_diag = float(torch.diagonal(H).mean())
+    frac = dampening_frac
+    for _ in range(max_tries):
+        Hd = H.clone()
+        Hd.diagonal().add_(frac * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, dead
+        frac = max(frac, 1e-6) * 10
+    raise CalibrationError(
+        f"{_where(layer_name)}: the input Hessian is not positive definite even with dampening "
+        f"{frac / 10:g}; give more calibration data or raise dampening_frac"
+    )
+
+
+def compensate_fixed_mask(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    mask: torch.Tensor,
+    dampening_frac: float = 0.01,
+    block_size: int = 128,
+    quantize: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    layer_name: str | None = None,
+) -> torch.Tensor:
+    """Update the kept weights of ``weight`` (out, in) to minimise ||(W - W') X||^2 with
+    the pruned set fixed by ``mask`` (True = pruned); returns W' (float32), exactly zero
+    where ``mask`` is True.
+
+    quantize(column, index) -> rounded column (float): applied to every kept column in
+    order (GPTQ); its rounding error is compensated the same way.
+    Vectorised over rows; sequential over columns within a block, as OBS requires.
+    """
+    W = weight.detach().to(torch.float32).clone()
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise CalibrationError(f"{_where(layer_name)}: Hessian {tuple(H.shape)} does not match {cols} inputs")
+    U, _dead = inverse_hessian_factor(H.to(W.device, torch.float32), dampening_frac, layer_name)
+    keep = ~mask  # dead inputs keep their weights: they cost nothing on calibration data
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        K1 = keep[:, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = w * K1[:, i]
+            if quantize is not None:
+                q = quantize(q, i1 + i) * K1[:, i]
+            err = (w - q) / U1[i, i]
+            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        if i2 < cols:
+            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+    W.masked_fill_(mask, 0.0)
+    if not bool(torch.isfinite(W).all()):
+        raise NonFiniteError(f"{_where(layer_name)}: reconstruction produced non-finite weights")
+    return W
+
+
+def refine_fixed_mask(
+    weight: torch.Tensor,
+    start: torch.Tensor,
+    H: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int = 25,
+    dampening_frac: float = 0.01,
+    layer_name: str | None = None,
+) -> torch.Tensor:
+    """Conjugate-gradient refinement of the exact fixed-mask least squares.
+
+    Minimises tr((W - W') Hd (W - W')^T) over W' with W'[mask] = 0, Hd = H + damp I,
+    starting from ``start`` (e.g. the OBS result). Every row is its own quadratic on its
+    kept set; CG runs on all rows at once (one (rows x in) @ (in x in) matmul per step)
+    and converges to the exact per-row optimum, which sequential OBS only approximates.
+    """
+    W = weight.detach().to(torch.float32)
+    Hd = H.to(W.device, torch.float32).clone()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, dead] = 1.0
+    Hd.diagonal().add_(dampening_frac * float(torch.diagonal(Hd).mean()))
+    keep = (~mask).to(torch.float32)
+    X = start.detach().to(torch.float32).clone().mul_(keep)
+    R = ((W - X) @ Hd).mul_(keep)  # minus the gradient, restricted to kept weights
+    P = R.clone()
+    rr = (R * R).sum(1)
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(steps):
+        HP = (P @ Hd).mul_(keep)
+        alpha = rr / (P * HP).sum(1).clamp_min(tiny)
+        X.add_(alpha.unsqueeze(1) * P)
+        R.sub_(alpha.unsqueeze(1) * HP)
+        rr_new = (R * R).sum(1)
+        beta = rr_new / rr.clamp_min(tiny)
+        P = R + beta.unsqueeze(1) * P
+        rr = rr_new
+    X.masked_fill_(mask, 0.0)
+    if not bool(torch.isfinite(X).all()):
+        raise NonFiniteError(f"{_where(layer_name)}: refinement produced non-finite weights")
+    return X
