@@ -12,6 +12,7 @@ EPILOG = """examples:
   crepe prune meta-llama/Llama-3.2-1B --recipe recipes/crepe_2of4.yaml --calib wikitext:wikitext-2-raw-v1 --out out
   crepe eval ./llama-crepe-2of4 --text wiki.test.raw.txt --seqlen 1024 --max-segments 16
   crepe verify ./llama-crepe-2of4
+  crepe serve-check ./llama-crepe-2of4        (in the vLLM environment)
 """
 
 
@@ -64,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     ve.add_argument("dir")
     ve.add_argument("--structure", default=None, help="pattern to report unrecorded layers against (default 2:4)")
     ve.add_argument("--json", action="store_true")
+
+    sc = sub.add_parser(
+        "serve-check",
+        help="serve a checkpoint in vLLM (serve env): greedy tokens vs transformers, OpenAI server",
+        epilog="example:\n  crepe serve-check smol-2of4 --prompts 'Hello' 'The sky is'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sc.add_argument("dir")
+    sc.add_argument("--prompts", nargs="+", default=None)
+    sc.add_argument("--max-tokens", type=int, default=16)
+    sc.add_argument("--no-server", action="store_true")
 
     de = sub.add_parser(
         "demo",
@@ -146,6 +158,13 @@ def _run(args) -> int:
         res = prune(args.model, args.recipe, args.calib, args.out, args.num_samples, args.seqlen, args.seed, args.overwrite)
         print(f"saved {res['out']} ({res['seconds']:.1f}s); run `crepe verify {res['out']}`")
         return 0
+    if args.cmd == "serve-check":
+        from .vllm.check import main as check_main
+
+        argv = [args.dir, "--max-tokens", str(args.max_tokens)]
+        argv += ["--prompts", *args.prompts] if args.prompts else []
+        argv += ["--no-server"] if args.no_server else []
+        return check_main(argv)
     if args.cmd == "demo":
         from .demo import demo
 

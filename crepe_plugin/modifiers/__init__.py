@@ -1,12 +1,14 @@
 """llm-compressor glue. Importing ``crepe_plugin`` calls ``register()``."""
 
+from .gptq import MaskedGPTQModifier
 from .pruning import CRePEPruningModifier, RIAPruningModifier
 
-__all__ = ["CRePEPruningModifier", "RIAPruningModifier", "register", "MODIFIERS"]
+__all__ = ["CRePEPruningModifier", "RIAPruningModifier", "MaskedGPTQModifier", "register", "MODIFIERS"]
 
 MODIFIERS = {
     "CRePEPruningModifier": CRePEPruningModifier,
     "RIAPruningModifier": RIAPruningModifier,
+    "MaskedGPTQModifier": MaskedGPTQModifier,
 }
 
 

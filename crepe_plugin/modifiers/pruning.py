@@ -181,7 +181,37 @@ class CRePEPruningModifier(Modifier):
         return CRePEConfig(**{k: getattr(self, k) for k in CRePEConfig.model_fields})
 
     # ---------------------------------------------------------------- lifecycle
+    def _check_recipe_order(self) -> None:
+        """Quantizing before pruning, or plain GPTQ after it, gives a model that is not
+        N:M; refuse such a recipe instead of saving it."""
+        from llmcompressor.core import active_session
+        from llmcompressor.modifiers.gptq import GPTQModifier
+        from llmcompressor.modifiers.quantization import QuantizationMixin
+
+        try:
+            mods = list(active_session().lifecycle.recipe.modifiers)
+        except AttributeError:
+            return
+        idx = next((i for i, m in enumerate(mods) if m is self), None)
+        if idx is None:
+            return
+        before = [type(m).__name__ for m in mods[:idx] if isinstance(m, QuantizationMixin)]
+        if before:
+            raise PruningError(
+                f"{type(self).__name__} comes after {before[0]} in the recipe: quantizing before pruning "
+                "leaves quantized weights that pruning then changes; put the pruning stage first"
+            )
+        from .gptq import MaskedGPTQModifier
+
+        after = [m for m in mods[idx + 1 :] if isinstance(m, GPTQModifier) and not isinstance(m, MaskedGPTQModifier)]
+        if after:
+            raise PruningError(
+                "GPTQModifier after pruning refills the pruned weights (its error compensation knows no "
+                "mask) and the saved model would not be N:M; use MaskedGPTQModifier (same fields)"
+            )
+
     def on_initialize(self, state: State, **kwargs) -> bool:
+        self._check_recipe_order()
         model = state.model
         modules = self._resolve_modules(model)
         if not modules:

@@ -67,5 +67,5 @@ def test_vllm_serves_crepe_checkpoint(pruned_checkpoint):
 
 
 def test_check_rejects_non_model_dir(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "crepe_plugin.vllm.check", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "crepe_plugin.cli", "serve-check", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and "not a model directory" in (r.stdout + r.stderr)

