@@ -207,3 +207,20 @@ def test_atomic_output_interrupted_leaves_nothing(tmp_path):
 def test_help_shows_examples():
     r = subprocess.run([sys.executable, "-m", "crepe_plugin.cli", "--help"], capture_output=True, text=True, env={**os.environ})
     assert r.returncode == 0 and "examples:" in r.stdout and "crepe prune" in r.stdout
+
+
+def test_calibration_from_local_dataset_dir(tmp_path, tiny_model_dir, calib_file):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from crepe_plugin.data import calibration_dataset, read_text
+
+    d = tmp_path / "ds"
+    text = calib_file.read_text()
+    Dataset.from_dict({"text": [text[i : i + 2000] for i in range(0, 20000, 2000)]}).save_to_disk(str(d))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ds = calibration_dataset(str(d), tok, num_samples=4, seqlen=32)
+    assert len(ds) == 4 and all(len(r) == 32 for r in ds["input_ids"])
+    assert read_text(str(d)).startswith(text[:100])
+    with pytest.raises(ValueError, match="fewer than --seqlen"):
+        calibration_dataset(str(d), tok, num_samples=2, seqlen=10**7)

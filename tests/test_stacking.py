@@ -81,3 +81,17 @@ def test_masked_gptq_keeps_zeros_where_plain_gptq_refills(tmp_path, model_dir):
     # it is still GPTQ: INT8 weights, not a copy of the pruned floats
     w = load_file(masked_out / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
     assert w.dtype == torch.int8
+
+
+def test_eval_reads_quantized_checkpoint(model_dir, tmp_path, calib_file, capsys):
+    """`crepe eval` loads a compressed-tensors FP8 checkpoint (decompressed by transformers)."""
+    import json
+
+    from crepe_plugin.cli import main
+
+    out = tmp_path / "fp8"
+    _run(model_dir, str(ROOT / "recipes" / "crepe_2of4_fp8_dynamic.yaml"), out)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "float-quantized"
+    assert main(["eval", str(out), "--text", str(calib_file), "--seqlen", "64", "--max-segments", "2"]) == 0
+    ppl = float(capsys.readouterr().out.split("perplexity ")[1].split()[0])
+    assert 1 < ppl < 1e6
