@@ -21,6 +21,7 @@ FORMATS = {
     "crepe_2of4_fp8_dynamic.yaml": "fp8",
     "crepe_2of4_w8a8_int8.yaml": "int8",
     "crepe_2of4_w4a16.yaml": "int4-packed",
+    "crepe_2of4_w4a16_g64.yaml": "int4-packed",
 }
 
 
