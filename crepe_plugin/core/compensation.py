@@ -41,31 +41,35 @@ class HessianStats:
         return torch.diagonal(self.H) / 2
 
 
+def _damped_hessian(H: torch.Tensor, dampening_frac: float) -> torch.Tensor:
+    """H + dampening_frac * mean(diag H) * I, as a float32 copy.
+
+    Dead inputs (zero diagonal: never active in calibration) get H_jj = 1 first so H stays
+    invertible; their weights are irrelevant to the calibration error.
+    """
+    Hd = H.to(torch.float32).clone()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, dead] = 1.0
+    Hd.diagonal().add_(dampening_frac * float(torch.diagonal(Hd).mean()))
+    return Hd
+
+
 def inverse_hessian_factor(
     H: torch.Tensor, dampening_frac: float = 0.01, layer_name: str | None = None, max_tries: int = 6
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + damp I)^-1, and the mask of dead inputs.
+) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1 (see ``_damped_hessian``).
 
-    Dead inputs (zero diagonal: never active in calibration) get H_jj = 1 so H stays
-    invertible; their weights are irrelevant to the calibration error. If the damped
-    Hessian is still not positive definite, dampening grows tenfold per try.
+    If the damped Hessian is not positive definite, dampening grows tenfold per try.
     """
-    H = H.clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
     if not bool(torch.isfinite(H).all()):
         raise NonFiniteError(f"{_where(layer_name)}: the input Hessian holds NaN/Inf (non-finite activations)")
-    mean_diag = float(torch.diagonal(H).mean())
     frac = dampening_frac
     for _ in range(max_tries):
-        Hd = H.clone()
-        Hd.diagonal().add_(frac * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(_damped_hessian(H, frac))
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, dead
+                return U
         frac = max(frac, 1e-6) * 10
     raise CalibrationError(
         f"{_where(layer_name)}: the input Hessian is not positive definite even with dampening "
@@ -94,7 +98,7 @@ def compensate_fixed_mask(
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise CalibrationError(f"{_where(layer_name)}: Hessian {tuple(H.shape)} does not match {cols} inputs")
-    U, _dead = inverse_hessian_factor(H.to(W.device, torch.float32), dampening_frac, layer_name)
+    U = inverse_hessian_factor(H.to(W.device, torch.float32), dampening_frac, layer_name)
     keep = ~mask  # dead inputs keep their weights: they cost nothing on calibration data
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -137,10 +141,7 @@ def refine_fixed_mask(
     and converges to the exact per-row optimum, which sequential OBS only approximates.
     """
     W = weight.detach().to(torch.float32)
-    Hd = H.to(W.device, torch.float32).clone()
-    dead = torch.diagonal(Hd) == 0
-    Hd[dead, dead] = 1.0
-    Hd.diagonal().add_(dampening_frac * float(torch.diagonal(Hd).mean()))
+    Hd = _damped_hessian(H.to(W.device), dampening_frac)
     keep = (~mask).to(torch.float32)
     X = start.detach().to(torch.float32).clone().mul_(keep)
     R = ((W - X) @ Hd).mul_(keep)  # minus the gradient, restricted to kept weights
