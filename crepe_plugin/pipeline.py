@@ -40,11 +40,15 @@ def load_recipe(recipe):
 
 
 def resolve_model(model: str) -> str:
-    """'smollm2' is the embedded SmolLM2-135M-Instruct; anything else is a path or hub name."""
+    """'smollm2' / 'gemma3-270m' are the PyPI-shipped real models; anything else is a path or hub name."""
     if model.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
         from .models import smollm2_path
 
         return str(smollm2_path())
+    if model.lower() in ("gemma3-270m", "gemma-3-270m"):
+        from .models import gemma3_path
+
+        return str(gemma3_path())
     return model
 
 

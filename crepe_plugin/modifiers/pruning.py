@@ -38,6 +38,7 @@ from ..core import (
     weight_out_in,
 )
 from ..core.config import Border, Coef, KernelName, KernelSize, NeighborMap
+from ..pho.config import SearchConfig
 from ..record import RECORD_KEY, merge_record, new_record
 from .save import keep_record_on_save
 
@@ -99,6 +100,11 @@ class CRePEPruningModifier(Modifier):
     :param block_size: columns per block of the reconstruction.
     :param refine_steps: conjugate-gradient steps after OBS towards the exact fixed-mask
         least-squares optimum (0 = OBS only). One (out x in) @ (in x in) matmul per step.
+    :param search: a PHO block (proxy, trials, storage, bounds, layers, seed...). When
+        given, PHO searches row_coef, col_coef, neighbor_coef, kernel_size and
+        act_exponent on this oneshot's calibration data before any layer is pruned (one
+        extra dense forward pass), then prunes with the best point. The coefficient
+        fields above are then only the search's fallback. See docs/method.md.
     """
 
     requires_calibration_data: bool = True
@@ -122,6 +128,7 @@ class CRePEPruningModifier(Modifier):
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1)
     refine_steps: int = Field(20, ge=0, le=1000)
+    search: SearchConfig | None = None
 
     method_name: ClassVar[str] = "crepe"
 
@@ -129,6 +136,7 @@ class CRePEPruningModifier(Modifier):
     _sparsities: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
     _stats: dict[torch.nn.Module, InputNormStats | HessianStats] = PrivateAttr(default_factory=dict)
     _pruned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
+    _search_result: dict[str, Any] | None = PrivateAttr(default=None)
 
     # ---------------------------------------------------------------- validation
     @field_validator("mask_structure", mode="before")
@@ -151,6 +159,16 @@ class CRePEPruningModifier(Modifier):
                 raise ValueError("sparsity: the per-layer list is empty")
             return [_check_fraction(x, f"sparsity[{i}]") for i, x in enumerate(v)]
         return _check_fraction(v, "sparsity")
+
+    @field_validator("search", mode="after")
+    @classmethod
+    def _valid_search(cls, v: SearchConfig | None) -> SearchConfig | None:
+        if v is not None and v.proxy == "ppl":
+            raise ValueError(
+                "search.proxy 'ppl' is the perplexity baseline PHO replaces; it runs only from "
+                "`crepe search`. Use 'recon', 'diag' or 'gini' in a recipe"
+            )
+        return v
 
     @model_validator(mode="after")
     def _valid_combination(self) -> "CRePEPruningModifier":
@@ -231,11 +249,36 @@ class CRePEPruningModifier(Modifier):
                     )
         self._names = {mod: name for name, mod in modules.items() if sparsities[name] > 0}
         self._sparsities = {mod: sparsities[name] for name, mod in modules.items() if sparsities[name] > 0}
+        if self.search is not None:
+            self._run_search(state, {n: m for n, m in modules.items() if sparsities[n] > 0}, sparsities)
         logger.info(
             f"{type(self).__name__}: {len(self._names)} layers to prune "
             f"({self.mask_structure if n else f'{self.scope} unstructured'}), config {self.crepe_config}"
         )
         return True
+
+    def _run_search(self, state: State, modules: dict[str, torch.nn.Module], sparsities: dict[str, float]) -> None:
+        """PHO on this oneshot's calibration data, before any layer is pruned."""
+        from ..pho.calib import gather_stats, sample_layer_names
+        from ..pho.search import Evaluator, run_search
+
+        loader = getattr(getattr(state, "data", None), "calib", None)
+        if loader is None:
+            raise PruningError(f"{type(self).__name__}: `search` needs calibration data, and oneshot got none")
+        sampled = sample_layer_names(modules, self.search.layers)
+        try:
+            device = get_execution_device(state.model)
+        except Exception:
+            device = next(state.model.parameters()).device
+        stats = gather_stats(state.model, loader, modules, sampled, device=device)
+        ev = Evaluator(state.model, modules, stats, self.mask_structure, {n: sparsities[n] for n in modules}, self.scope, sampled)
+        fixed = {"kernel": self.kernel, "border": self.border, "neighbor_map": self.neighbor_map}
+        res = run_search(ev, self.search, fixed)
+        del stats, ev
+        for k, v in res["params"].items():
+            setattr(self, k, v)
+        self._search_result = {k: res[k] for k in ("proxy", "sampler", "trials", "value", "params", "study_name")}
+        logger.info(f"{type(self).__name__}: PHO chose {res['params']} ({res['proxy']} {res['value']:.6g})")
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         for module in self._names:
@@ -280,6 +323,7 @@ class CRePEPruningModifier(Modifier):
                         if self.reconstruct
                         else {}
                     ),
+                    **({"search": self._search_result} if self._search_result else {}),
                 },
                 targets=self.targets if isinstance(self.targets, list) else [self.targets],
                 ignore=list(self.ignore),

@@ -1,0 +1,83 @@
+"""Cheap proxies of model quality for one pruned layer. Pure torch.
+
+PHO (crepe_plugin.pho) searches CRePE's coefficients against these instead of
+perplexity. Every proxy here is "lower is better" and is computed from one layer's
+weight, its mask and calibration statistics gathered once; none runs the model.
+docs/method.md says why each should track perplexity, and the search report measures
+how well it does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CalibrationError, _where
+
+__all__ = ["PROXIES", "gini", "output_error", "diag_output_error", "layer_proxy"]
+
+PROXIES = ("recon", "diag", "gini")
+"""recon: relative output error with the full input Gram matrix H; diag: the same with
+diag(H) only (no H needed); gini: minus the Gini coefficient of the retained scores."""
+
+
+def gini(values: torch.Tensor) -> float:
+    """Gini coefficient of non-negative values: 0 = all equal, -> 1 = one value holds all."""
+    x = values.detach().reshape(-1).to(torch.float64)
+    n = x.numel()
+    if n == 0:
+        raise ValueError("gini of an empty tensor")
+    total = float(x.sum())
+    if total <= 0.0:
+        return 0.0
+    x, _ = torch.sort(x)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=x.device)
+    return float((2.0 * (ranks * x).sum()) / (n * total) - (n + 1.0) / n)
+
+
+def output_error(weight: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, layer_name: str | None = None) -> float:
+    """Relative output error of a pruned layer on the calibration inputs:
+
+        tr(D H D^T) / tr(W H W^T),  D = W - W_pruned,  H = sum over tokens of x x^T
+
+    i.e. ||(W - W_p) X||_F^2 / ||W X||_F^2 without storing X. Weights are (out, in).
+    """
+    if H.shape != (weight.shape[1], weight.shape[1]):
+        raise CalibrationError(
+            f"{_where(layer_name)}: Gram matrix is {tuple(H.shape)}, the weight has {weight.shape[1]} inputs"
+        )
+    w = weight.detach().to(H.dtype)
+    d = w - pruned.detach().to(H.dtype)
+    num = float(((d @ H) * d).sum())
+    den = float(((w @ H) * w).sum())
+    return num / den if den > 0 else 0.0
+
+
+def diag_output_error(weight: torch.Tensor, mask: torch.Tensor, input_sq_norm: torch.Tensor) -> float:
+    """``output_error`` of plain pruning with H replaced by its diagonal: the pruned share
+    of sum_ij W_ij^2 ||X_j||^2 (Wanda's importance, squared). Needs no Gram matrix."""
+    e = weight.detach().to(torch.float32).pow(2).mul_(input_sq_norm.to(torch.float32).reshape(1, -1))
+    total = float(e.sum())
+    return float(e.masked_fill_(~mask, 0).sum()) / total if total > 0 else 0.0
+
+
+def layer_proxy(
+    proxy: str,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    scores: torch.Tensor,
+    input_sq_norm: torch.Tensor,
+    H: torch.Tensor | None = None,
+    layer_name: str | None = None,
+) -> float:
+    """One layer's proxy value for a mask (True = pruned) chosen from ``scores``."""
+    if proxy == "recon":
+        if H is None:
+            raise CalibrationError(f"{_where(layer_name)}: the 'recon' proxy needs the input Gram matrix")
+        return output_error(weight, weight.masked_fill(mask, 0), H, layer_name)
+    if proxy == "diag":
+        return diag_output_error(weight, mask, input_sq_norm)
+    if proxy == "gini":
+        # a score map that concentrates its mass on the kept weights separates them
+        # clearly from the pruned ones; minimised, so negated
+        return -gini(scores.masked_fill(mask, 0))
+    raise ValueError(f"unknown proxy {proxy!r}; expected one of {PROXIES}")

@@ -1,0 +1,262 @@
+"""PHO: proxies (pure torch), statistics cache, Optuna search (resume, two processes),
+the recipe `search:` block, and the `crepe search` / `search-validate` commands."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from crepe_plugin.core import CRePEConfig, CalibrationError, crepe_scores, is_nm, prune_mask
+from crepe_plugin.core.proxies import diag_output_error, gini, layer_proxy, output_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ proxies (core)
+def test_gini_extremes_and_scale_invariance():
+    assert gini(torch.ones(100)) == pytest.approx(0.0, abs=1e-12)
+    one_hot = torch.zeros(100)
+    one_hot[7] = 3.0
+    assert gini(one_hot) == pytest.approx(0.99)  # (n - 1) / n
+    x = torch.rand(1000)
+    assert gini(x) == pytest.approx(gini(5 * x), rel=1e-9)
+    assert 0.25 < gini(x) < 0.42  # uniform(0, 1) has Gini 1/3
+
+
+def test_output_error_equals_explicit_activations():
+    torch.manual_seed(0)
+    X = torch.randn(300, 32, dtype=torch.float64)  # tokens x inputs
+    W = torch.randn(16, 32, dtype=torch.float64)
+    mask = prune_mask(crepe_scores(W, (X**2).sum(0)), 0.5, "2:4")
+    Wp = W.masked_fill(mask, 0)
+    H = X.t() @ X
+    want = ((X @ (W - Wp).t()) ** 2).sum() / ((X @ W.t()) ** 2).sum()
+    assert output_error(W, Wp, H) == pytest.approx(float(want), rel=1e-10)
+    assert output_error(W, W, H) == 0.0
+    # the diagonal proxy equals the full one when the inputs are uncorrelated
+    Hd = torch.diag(torch.diagonal(H))
+    assert diag_output_error(W, mask, torch.diagonal(H)) == pytest.approx(output_error(W, Wp, Hd), rel=1e-6)
+    with pytest.raises(CalibrationError, match="layer 'l0'"):
+        output_error(W, Wp, H[:8, :8], layer_name="l0")
+
+
+def test_recon_proxy_prefers_the_better_mask():
+    torch.manual_seed(1)
+    X = torch.randn(400, 64) * torch.linspace(0.1, 3, 64)
+    W = torch.randn(32, 64)
+    H = X.t() @ X
+    s = (X**2).sum(0)
+    good = prune_mask(crepe_scores(W, s, CRePEConfig(act_exponent=1.0, col_coef=0.0)), 0.5, "2:4")
+    bad = prune_mask(-crepe_scores(W, s, CRePEConfig(act_exponent=1.0, col_coef=0.0)), 0.5, "2:4")
+    sc = torch.ones_like(W)
+    assert layer_proxy("recon", W, good, sc, s, H) < layer_proxy("recon", W, bad, sc, s, H)
+    assert layer_proxy("diag", W, good, sc, s) < layer_proxy("diag", W, bad, sc, s)
+    with pytest.raises(ValueError, match="unknown proxy"):
+        layer_proxy("nope", W, good, sc, s)
+    with pytest.raises(CalibrationError, match="Gram"):
+        layer_proxy("recon", W, good, sc, s, None, "l0")
+
+
+# ------------------------------------------------------------------ with transformers / optuna
+transformers = pytest.importorskip("transformers")
+optuna = pytest.importorskip("optuna")
+
+from crepe_plugin.pho import SearchConfig, SearchSpace  # noqa: E402
+from crepe_plugin.pho.calib import CalibStats, gather_stats, sample_layer_names, target_modules  # noqa: E402
+from crepe_plugin.pho.search import RIA_PARAMS, Evaluator, run_search  # noqa: E402
+from crepe_plugin.testing import tiny_llama  # noqa: E402
+
+
+def _batches(n=6, seqlen=48, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (1, seqlen), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_llama(layers=4).eval()
+    mods = target_modules(model)
+    sampled = sample_layer_names(mods, 2)
+    stats = gather_stats(model, _batches(), mods, sampled)
+    return model, mods, sampled, stats
+
+
+def test_sample_layer_names_even_spacing():
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(10)] + ["lm_head"]
+    picked = sample_layer_names(names, 3)
+    assert picked == ["model.layers.0.mlp.down_proj", "model.layers.4.mlp.down_proj", "model.layers.9.mlp.down_proj"] or picked == [
+        "model.layers.0.mlp.down_proj", "model.layers.5.mlp.down_proj", "model.layers.9.mlp.down_proj"]  # fmt: skip
+    assert sample_layer_names(names, "all") == names
+
+
+def test_stats_share_gram_and_match_hooks(tiny, tmp_path):
+    model, mods, sampled, stats = tiny
+    assert "lm_head" not in mods and len(mods) == 4 * 7
+    assert set(stats.sq_norms) == set(mods)
+    # q/k/v read one tensor, as do gate/up: one Gram matrix each
+    pre = "model.layers.0."
+    assert stats.gram_of[pre + "self_attn.k_proj"] == stats.gram_of[pre + "self_attn.v_proj"] == pre + "self_attn.q_proj"
+    assert stats.gram_of[pre + "mlp.up_proj"] == pre + "mlp.gate_proj"
+    assert stats.gram_of[pre + "mlp.down_proj"] == pre + "mlp.down_proj"
+    assert len(stats.grams) == 2 * 4  # two sampled decoder layers x (qkv, o, gate/up, down)
+    # diag(H)/2 is the scores' input statistic
+    H = stats.H(pre + "mlp.down_proj")
+    assert torch.allclose(torch.diagonal(H) / 2, stats.sq_norms[pre + "mlp.down_proj"], rtol=1e-4)
+    # the cache round-trips; a corrupt one is a clear error
+    stats.save(tmp_path / "s.safetensors")
+    back = CalibStats.load(tmp_path / "s.safetensors")
+    assert back.gram_of == stats.gram_of and torch.equal(back.grams[pre + "mlp.down_proj"], H)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CalibrationError, match="bad.safetensors"):
+        CalibStats.load(tmp_path / "bad.safetensors")
+
+
+def test_gather_stats_rejects_empty_data():
+    model = tiny_llama(layers=1)
+    with pytest.raises(CalibrationError, match="empty"):
+        gather_stats(model, [], target_modules(model))
+
+
+def test_search_starts_at_ria_never_reruns_the_model_and_beats_or_ties_ria(tiny):
+    model, mods, sampled, stats = tiny
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        ev = Evaluator(model, mods, stats, "2:4", 0.5, sampled=sampled)
+        res = run_search(ev, SearchConfig(proxy="recon", trials=10), {"kernel": "box"}, progress=False)
+    finally:
+        hook.remove()
+    assert calls == []  # no trial ran the model: statistics are cached
+    ria = ev.proxy(CRePEConfig(), "recon")
+    assert res["value"] <= ria
+    assert res["trials"] == 10
+    space = SearchSpace()
+    for k, v in res["params"].items():
+        r = getattr(space, k)
+        assert r.low <= v <= r.high
+
+
+def test_prune_model_restores_dense_weights(tiny):
+    model, mods, sampled, stats = tiny
+    before = {n: m.weight.detach().clone() for n, m in mods.items()}
+    ev = Evaluator(model, mods, stats, "2:4", 0.5, sampled=sampled)
+    with ev.prune_model(CRePEConfig(neighbor_coef=0.3)):
+        assert all(is_nm(m.weight, 2, 4) for m in mods.values())
+    assert all(torch.equal(before[n], m.weight) for n, m in mods.items())
+
+
+def test_resume_continues_the_stored_study(tiny, tmp_path):
+    model, mods, sampled, stats = tiny
+    ev = Evaluator(model, mods, stats, "2:4", 0.5, sampled=sampled)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run_search(ev, SearchConfig(proxy="diag", trials=4, storage=url, study_name="x"), progress=False)
+    res = run_search(ev, SearchConfig(proxy="diag", trials=9, storage=url, study_name="x"), progress=False)
+    study = optuna.load_study(study_name="x", storage=url)
+    assert res["trials"] == 9 and len(study.trials) == 9
+    assert study.trials[0].params == {k: v for k, v in RIA_PARAMS.items()}
+
+
+def test_ppl_baseline_hill_climbs(tiny):
+    model, mods, sampled, stats = tiny
+    ev = Evaluator(model, mods, stats, "2:4", 0.5, sampled=sampled, ppl_batches=_batches(2, seed=5))
+    res = run_search(ev, SearchConfig(proxy="ppl", trials=6), progress=False)
+    assert res["sampler"] == "hillclimb"
+    assert res["value"] <= ev.calib_ppl(CRePEConfig()) + 1e-9
+
+
+def test_search_config_validation():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="above high"):
+        SearchSpace(row_coef={"low": 2.0, "high": 1.0})
+    with pytest.raises(ValidationError, match="odd"):
+        SearchSpace(kernel_size={"low": 1, "high": 4})
+    with pytest.raises(ValidationError):
+        SearchConfig(proxy="perplexity")
+    with pytest.raises(ValidationError):
+        SearchConfig(trials=0)
+
+
+# ------------------------------------------------------------------ in a recipe
+llmc = pytest.importorskip("llmcompressor")
+
+
+def test_recipe_search_block_runs_pho_and_records_it(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    import crepe_plugin  # noqa: F401
+    from crepe_plugin.record import RECORD_KEY
+
+    from .test_modifiers import _run
+
+    recipe = (ROOT / "recipes" / "crepe_pho_2of4.yaml").read_text().replace("trials: 40", "trials: 6").replace("layers: 6", "layers: 1")
+    out = tmp_path / "out"
+    _run(str(tiny_model_dir), recipe, out)
+    cfg = json.loads((out / "config.json").read_text())
+    rec = cfg[RECORD_KEY]
+    s = rec["config"]["search"]
+    assert s["proxy"] == "recon" and s["trials"] == 6
+    for k, v in s["params"].items():  # the model was pruned with the chosen point
+        assert rec["config"][k] == pytest.approx(v)
+    sd = load_file(out / "model.safetensors")
+    ws = [v for k, v in sd.items() if k.endswith("proj.weight")]
+    assert ws and all(is_nm(w, 2, 4) for w in ws)
+
+
+def test_recipe_search_rejects_ppl():
+    from pydantic import ValidationError
+
+    from crepe_plugin import CRePEPruningModifier
+
+    with pytest.raises(ValidationError, match="baseline"):
+        CRePEPruningModifier(mask_structure="2:4", search={"proxy": "ppl"})
+    with pytest.raises(ValidationError):
+        CRePEPruningModifier(mask_structure="2:4", search={"trails": 5})
+
+
+# ------------------------------------------------------------------ the commands
+def _cli(*args, env=None):
+    return subprocess.Popen(
+        [sys.executable, "-m", "crepe_plugin.cli", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
+
+
+def test_cli_search_two_processes_one_storage_then_report(tmp_path, tiny_model_dir, calib_file):
+    """Two processes share one SQLite study; then the ppl baseline and the validation report."""
+    out = tmp_path / "run"
+    common = [tiny_model_dir, "--calib", calib_file, "--structure", "2:4", "--out", out, "--num-samples", "6", "--seqlen", "48", "--layers", "1"]
+    first = _cli("search", *common, "--trials", "4", "--proxy", "recon")
+    assert first.wait(timeout=300) == 0, first.communicate()[1][-2000:]
+    # the cache now exists: two workers, one storage, one study of 16 trials
+    procs = [_cli("search", *common, "--trials", "16", "--proxy", "recon") for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.communicate()[1][-2000:]
+    study = optuna.load_study(study_name="crepe-2of4-s0.5-recon", storage=f"sqlite:///{out / 'pho.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 16 <= len(done) <= 17  # each worker stops once the study holds 16
+    workers = {t.user_attrs.get("worker") for t in done if t.number >= 4}
+    assert len(workers) == 2, workers
+    best = json.loads((out / "best_recon.json").read_text())
+    assert (out / "recipe_recon.yaml").is_file() and (out / "trajectory.png").is_file()
+    from crepe_plugin.pipeline import load_recipe
+
+    mod = load_recipe(str(out / "recipe_recon.yaml")).modifiers[0]
+    assert mod.row_coef == pytest.approx(best["params"]["row_coef"], abs=1e-6)
+
+    base = _cli("search", *common, "--trials", "4", "--proxy", "ppl")
+    assert base.wait(timeout=300) == 0, base.communicate()[1][-2000:]
+    evalf = tmp_path / "eval.txt"
+    evalf.write_text(calib_file.read_text()[::-1][:20000])
+    v = _cli("search-validate", out, "--eval", evalf, "--samples", "3", "--eval-seqlen", "64", "--eval-segments", "2")
+    assert v.wait(timeout=300) == 0, v.communicate()[1][-2000:]
+    rows = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 + 1 + 2  # samples + RIA + two searched optima
+    assert all(r["heldout_ppl"] > 1 for r in rows)
+    rep = (out / "report.md").read_text()
+    assert "| recon |" in rep and "Spearman" in rep and "ppl baseline" in rep
+    assert (out / "scatter.png").is_file()
