@@ -6,7 +6,9 @@ from .errors import CalibrationError, LayerShapeError, NonFiniteError, PruningEr
 from .layers import is_conv1d, weight_out_in
 from .masks import is_nm, nm_mask, nm_violations, parse_structure, prune_mask, unstructured_mask
 from .scores import crepe_scores, neighborhood, relative_importance
-from .stats import InputNormStats
+from .stats import InputMomentStats, InputNormStats
+from .allocation import outlier_ratio, owl_sparsities, wanda_importance
+from .dsnot import dsnot_refine, expected_error
 
 __all__ = [
     "CRePEConfig",
@@ -25,6 +27,12 @@ __all__ = [
     "nm_violations",
     "is_nm",
     "InputNormStats",
+    "InputMomentStats",
+    "outlier_ratio",
+    "owl_sparsities",
+    "wanda_importance",
+    "dsnot_refine",
+    "expected_error",
     "HessianStats",
     "compensate_fixed_mask",
     "inverse_hessian_factor",

@@ -6,7 +6,7 @@ import torch
 
 from .errors import CalibrationError, _where
 
-__all__ = ["InputNormStats"]
+__all__ = ["InputNormStats", "InputMomentStats"]
 
 
 class InputNormStats:
@@ -38,3 +38,26 @@ class InputNormStats:
                 "dataset (empty?) and that the layer is reached in the forward pass"
             )
         return (self.sum_sq / self.num_samples).to(torch.float32)
+
+
+class InputMomentStats(InputNormStats):
+    """``InputNormStats`` plus the per-token mean and variance of every input feature
+    (what DSnoT's expected-error criterion needs). float64 accumulation."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        super().__init__(in_features, device)
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def update(self, inp: torch.Tensor) -> None:
+        super().update(inp)
+        x = inp.detach().reshape(-1, inp.shape[-1]).to(self.sum.device, torch.float32)
+        self.sum += x.sum(dim=0, dtype=torch.float64)
+        self.tokens += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.tokens, 1)).to(torch.float32)
+
+    def var(self) -> torch.Tensor:
+        m = self.sum / max(self.tokens, 1)
+        return (self.sum_sq / max(self.tokens, 1) - m * m).clamp_min(0).to(torch.float32)

@@ -1,14 +1,26 @@
 """llm-compressor glue. Importing ``crepe_plugin`` calls ``register()``."""
 
+from .allocation import OWLAllocationModifier
+from .dsnot import DSnoTModifier
 from .gptq import MaskedGPTQModifier
 from .pruning import CRePEPruningModifier, RIAPruningModifier
 
-__all__ = ["CRePEPruningModifier", "RIAPruningModifier", "MaskedGPTQModifier", "register", "MODIFIERS"]
+__all__ = [
+    "CRePEPruningModifier",
+    "RIAPruningModifier",
+    "MaskedGPTQModifier",
+    "OWLAllocationModifier",
+    "DSnoTModifier",
+    "register",
+    "MODIFIERS",
+]
 
 MODIFIERS = {
     "CRePEPruningModifier": CRePEPruningModifier,
     "RIAPruningModifier": RIAPruningModifier,
     "MaskedGPTQModifier": MaskedGPTQModifier,
+    "OWLAllocationModifier": OWLAllocationModifier,
+    "DSnoTModifier": DSnoTModifier,
 }
 
 

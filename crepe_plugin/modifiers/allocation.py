@@ -1,0 +1,135 @@
+"""OWLAllocationModifier: per-layer sparsities (OWL) handed to the pruning modifiers
+that follow it in the same recipe. Works where llm-compressor 0.14's
+``sparsity_profile: owl`` fails: it measures the outlier ratios itself, from one dense
+forward pass over the calibration data, before any pruner initializes.
+
+```yaml
+sparsity_stage:
+  sparsity_modifiers:
+    OWLAllocationModifier:
+      owl_m: 5
+      owl_lmbda: 0.08
+    CRePEPruningModifier:
+      mask_structure: "0:0"
+      sparsity: 0.7        # the target mean; OWL replaces it with one value per decoder layer
+```
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from loguru import logger
+from pydantic import Field, PrivateAttr
+
+from llmcompressor.core import State
+from llmcompressor.modifiers import Modifier
+
+from ..core import PruningError, owl_sparsities, outlier_ratio, parse_structure, wanda_importance, weight_out_in
+
+__all__ = ["OWLAllocationModifier"]
+
+_LAYER = re.compile(r"^(.*?layers\.\d+)\.")
+
+
+def _pruners_after(me) -> list:
+    from llmcompressor.core import active_session
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+
+    from .pruning import CRePEPruningModifier
+
+    mods = list(active_session().lifecycle.recipe.modifiers)
+    idx = next(i for i, m in enumerate(mods) if m is me)
+    return [m for m in mods[idx + 1 :] if isinstance(m, (CRePEPruningModifier, SparsityModifierBase))]
+
+
+class OWLAllocationModifier(Modifier):
+    """OWL (Yin et al., 2024): layers with more outlier weights (Wanda importance above
+    ``owl_m`` x the layer mean) get lower sparsity, within target +- ``owl_lmbda``, at
+    the same mean. The target is the following pruner's ``sparsity`` (or ``sparsity``
+    here). Applies to CRePE / RIA (as a per-layer map) and to llm-compressor's Wanda and
+    SparseGPT (as their per-target list). Unstructured only: an N:M pruner prunes
+    exactly N/M of every layer, so OWL refuses it.
+    """
+
+    owl_m: float = Field(5.0, gt=0)
+    owl_lmbda: float = Field(0.08, ge=0, lt=0.5)
+    sparsity: float | None = Field(None, gt=0, lt=1)
+    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
+
+    _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
+
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        from ..pho.calib import gather_stats
+
+        pruners = _pruners_after(self)
+        if not pruners:
+            raise PruningError("OWLAllocationModifier: no pruning modifier follows it in the recipe to hand sparsities to")
+        for p in pruners:
+            n, _ = parse_structure(p.mask_structure)
+            if n:
+                raise PruningError(
+                    f"OWLAllocationModifier: {type(p).__name__} prunes {p.mask_structure}, which fixes every "
+                    "layer's sparsity at N/M; OWL allocates unstructured sparsity only (mask_structure '0:0'). "
+                    "To keep chosen layers dense under N:M, give the pruner a sparsity map with 0 for them"
+                )
+        target = self.sparsity
+        if target is None:
+            vals = {p.sparsity for p in pruners}
+            if len(vals) != 1 or not isinstance(next(iter(vals)), float):
+                raise PruningError(
+                    f"OWLAllocationModifier: the pruners after it give no single float sparsity ({vals}); set "
+                    "OWLAllocationModifier.sparsity to the target mean"
+                )
+            target = next(iter(vals))
+        model = state.model
+        from compressed_tensors.utils import match_named_modules
+
+        linears = {
+            n: m
+            for n, m in match_named_modules(model, ["Linear"], self.ignore)
+            if _LAYER.match(n)
+        }
+        if not linears:
+            raise PruningError("OWLAllocationModifier: found no linear layer inside decoder layers (named '...layers.N.')")
+        loader = getattr(getattr(state, "data", None), "calib", None)
+        if loader is None:
+            raise PruningError("OWLAllocationModifier needs calibration data, and oneshot got none")
+        stats = gather_stats(model, loader, linears, (), device=next(model.parameters()).device)
+        groups: dict[str, list[torch.Tensor]] = {}
+        for name, mod in linears.items():
+            with torch.no_grad():
+                imp = wanda_importance(weight_out_in(mod), stats.sq_norms[name].to(mod.weight.device))
+            groups.setdefault(_LAYER.match(name).group(1), []).append(imp)
+        layers = list(groups)
+        ratios = [outlier_ratio(groups.pop(layer), self.owl_m) for layer in layers]
+        sp = owl_sparsities(ratios, target, self.owl_lmbda)
+        self._layer_sparsity = dict(zip(layers, sp))
+        logger.info(
+            "OWL sparsities (target {:.3f}, M {}, lambda {}): {}",
+            target, self.owl_m, self.owl_lmbda, ", ".join(f"{s:.3f}" for s in sp),
+        )  # fmt: skip
+        for p in pruners:
+            self._hand_to(p, model, target)
+        return True
+
+    def _hand_to(self, pruner, model, target: float) -> None:
+        from .pruning import CRePEPruningModifier
+
+        if isinstance(pruner, CRePEPruningModifier):
+            pruner.sparsity = {**{k: v for k, v in self._layer_sparsity.items()}, "default": target}
+            return
+        # llm-compressor's SparseGPT / Wanda: one value per module its targets match
+        from compressed_tensors.utils import match_named_modules
+
+        names = [n for n, _ in match_named_modules(model, pruner.targets if isinstance(pruner.targets, list) else [pruner.targets])]
+        vals = []
+        for n in names:
+            mt = _LAYER.match(n + ".")
+            vals.append(self._layer_sparsity.get(mt.group(1), target) if mt else target)
+        pruner.sparsity = vals
+        pruner.sparsity_profile = None
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        return True
