@@ -47,7 +47,7 @@ _register_modifiers()
 
 
 def __getattr__(name):  # lazy access to the modifier classes
-    if name in ("CRePEPruningModifier", "RIAPruningModifier", "MaskedGPTQModifier", "OWLAllocationModifier", "DSnoTModifier"):
+    if name in ("CRePEPruningModifier", "RIAPruningModifier", "MaskedGPTQModifier", "OWLAllocationModifier", "DSnoTModifier", "ChannelPermutationModifier"):
         from . import modifiers
 
         return getattr(modifiers, name)

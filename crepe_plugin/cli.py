@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--eval-seqlen", type=int, default=1024)
     sv.add_argument("--eval-segments", type=int, default=8)
     sv.add_argument("--seed", type=int, default=1)
+    sv.add_argument("--proxies", default="recon,diag,gini,ppl", help="proxies to record (ppl runs the model: slow)")
 
     de = sub.add_parser(
         "demo",
@@ -226,7 +227,8 @@ def _run(args) -> int:
     if args.cmd == "search-validate":
         from .pho import validate
 
-        path = validate(args.dir, args.eval, args.samples, args.eval_seqlen, args.eval_segments, args.seed)
+        path = validate(args.dir, args.eval, args.samples, args.eval_seqlen, args.eval_segments, args.seed,
+                        proxies=tuple(p for p in args.proxies.split(",") if p))  # fmt: skip
         print(f"wrote {path}")
         return 0
     if args.cmd == "demo":

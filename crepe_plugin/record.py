@@ -43,6 +43,8 @@ def merge_record(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
     """Combine records of several pruning modifiers applied in one run."""
     if not old:
         return new
+    if "method" not in old:  # annotations only (e.g. a channel permutation), no pruned modules yet
+        return {**old, **new}
     modules = {**old.get("modules", {}), **new.get("modules", {})}
     merged = {**old, **new, "modules": dict(sorted(modules.items()))}
     structures = sorted({m["structure"] for m in modules.values()})

@@ -13,7 +13,7 @@ import torch
 
 from .errors import CalibrationError, _where
 
-__all__ = ["PROXIES", "gini", "output_error", "diag_output_error", "layer_proxy"]
+__all__ = ["PROXIES", "gini", "output_energy", "output_error", "diag_output_error", "layer_proxy"]
 
 PROXIES = ("recon", "diag", "gini")
 """recon: relative output error with the full input Gram matrix H; diag: the same with
@@ -34,21 +34,29 @@ def gini(values: torch.Tensor) -> float:
     return float((2.0 * (ranks * x).sum()) / (n * total) - (n + 1.0) / n)
 
 
-def output_error(weight: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, layer_name: str | None = None) -> float:
+def output_energy(weight: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(W H W^T) = ||W X||_F^2: the denominator of ``output_error`` (cache it per layer)."""
+    w = weight.detach().to(H.dtype)
+    return float(((w @ H) * w).sum())
+
+
+def output_error(
+    weight: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, layer_name: str | None = None, energy: float | None = None
+) -> float:
     """Relative output error of a pruned layer on the calibration inputs:
 
         tr(D H D^T) / tr(W H W^T),  D = W - W_pruned,  H = sum over tokens of x x^T
 
     i.e. ||(W - W_p) X||_F^2 / ||W X||_F^2 without storing X. Weights are (out, in).
+    ``energy``: ``output_energy(weight, H)`` if already known.
     """
     if H.shape != (weight.shape[1], weight.shape[1]):
         raise CalibrationError(
             f"{_where(layer_name)}: Gram matrix is {tuple(H.shape)}, the weight has {weight.shape[1]} inputs"
         )
-    w = weight.detach().to(H.dtype)
-    d = w - pruned.detach().to(H.dtype)
+    d = weight.detach().to(H.dtype) - pruned.detach().to(H.dtype)
     num = float(((d @ H) * d).sum())
-    den = float(((w @ H) * w).sum())
+    den = output_energy(weight, H) if energy is None else energy
     return num / den if den > 0 else 0.0
 
 
@@ -68,12 +76,13 @@ def layer_proxy(
     input_sq_norm: torch.Tensor,
     H: torch.Tensor | None = None,
     layer_name: str | None = None,
+    energy: float | None = None,
 ) -> float:
     """One layer's proxy value for a mask (True = pruned) chosen from ``scores``."""
     if proxy == "recon":
         if H is None:
             raise CalibrationError(f"{_where(layer_name)}: the 'recon' proxy needs the input Gram matrix")
-        return output_error(weight, weight.masked_fill(mask, 0), H, layer_name)
+        return output_error(weight, weight.masked_fill(mask, 0), H, layer_name, energy)
     if proxy == "diag":
         return diag_output_error(weight, mask, input_sq_norm)
     if proxy == "gini":

@@ -3,6 +3,7 @@
 from .allocation import OWLAllocationModifier
 from .dsnot import DSnoTModifier
 from .gptq import MaskedGPTQModifier
+from .permutation import ChannelPermutationModifier
 from .pruning import CRePEPruningModifier, RIAPruningModifier
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "MaskedGPTQModifier",
     "OWLAllocationModifier",
     "DSnoTModifier",
+    "ChannelPermutationModifier",
     "register",
     "MODIFIERS",
 ]
@@ -21,6 +23,7 @@ MODIFIERS = {
     "MaskedGPTQModifier": MaskedGPTQModifier,
     "OWLAllocationModifier": OWLAllocationModifier,
     "DSnoTModifier": DSnoTModifier,
+    "ChannelPermutationModifier": ChannelPermutationModifier,
 }
 
 

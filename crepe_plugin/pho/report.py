@@ -58,6 +58,7 @@ def validate(
     eval_segments: int = 8,
     seed: int = 1,
     space: SearchSpace | None = None,
+    proxies: tuple[str, ...] = PROXIES,
 ) -> Path:
     """Add rows to DIR/validation.jsonl (resuming) and rewrite DIR/report.md."""
     from ..data import read_text
@@ -92,7 +93,7 @@ def validate(
             continue
         c = CRePEConfig(**p, **FIXED_DEFAULT)
         row = {"kind": kind, "params": p}
-        for name in PROXIES:
+        for name in proxies:
             t0 = time.perf_counter()
             row[name] = ev.proxy(c, name)
             row[f"{name}_seconds"] = time.perf_counter() - t0
@@ -130,6 +131,7 @@ def write_report(out_dir: str | Path) -> Path:
     from scipy.stats import pearsonr, spearmanr
 
     out = Path(out_dir)
+    nan = float("nan")
     lines = ["# PHO report", ""]
     bests = {json.loads(f.read_text())["proxy"]: json.loads(f.read_text()) for f in sorted(out.glob("best_*.json"))}
     if bests:
@@ -191,9 +193,10 @@ def write_report(out_dir: str | Path) -> Path:
             "| proxy | Spearman | Pearson | Pearson vs log ppl | mean s per evaluation |",
             "| --- | --- | --- | --- | --- |",
         ]
-        fig, axes = plt.subplots(1, len(PROXIES), figsize=(4.2 * len(PROXIES), 3.6), squeeze=False)
+        present = [p for p in PROXIES if all(p in r for r in rows)]
+        fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
         ly = [math.log(v) for v in y]
-        for ax, p in zip(axes[0], PROXIES):
+        for ax, p in zip(axes[0], present):
             x = [r[p] for r in rows]
             rs, rp, rl = spearmanr(x, y).statistic, pearsonr(x, y).statistic, pearsonr(x, ly).statistic
             secs = sum(r[f"{p}_seconds"] for r in rows) / len(rows)
@@ -213,10 +216,11 @@ def write_report(out_dir: str | Path) -> Path:
         lines += ["", "![proxy vs held-out perplexity](scatter.png)", "", "| configuration | parameters | held-out ppl | recon | diag | gini | calib ppl |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted((r for r in rows if r["kind"] != "sample"), key=lambda r: r["heldout_ppl"]):
             pp = {k: round(v, 3) for k, v in r["params"].items()}
-            lines.append(f"| {r['kind']} | `{pp}` | {r['heldout_ppl']:.2f} | {r['recon']:.4g} | {r['diag']:.4g} | {r['gini']:.4g} | {r['ppl']:.2f} |")
+            lines.append(f"| {r['kind']} | `{pp}` | {r['heldout_ppl']:.2f} | {r.get('recon', nan):.4g} | {r.get('diag', nan):.4g} | {r.get('gini', nan):.4g} | {r.get('ppl', nan):.2f} |")
         best_sample = min((r for r in rows if r["kind"] == "sample"), key=lambda r: r["heldout_ppl"], default=None)
         if best_sample:
-            lines.append(f"| best uniform sample | `{ {k: round(v, 3) for k, v in best_sample['params'].items()} }` | {best_sample['heldout_ppl']:.2f} | {best_sample['recon']:.4g} | {best_sample['diag']:.4g} | {best_sample['gini']:.4g} | {best_sample['ppl']:.2f} |")
+            b = best_sample
+            lines.append(f"| best uniform sample | `{ {k: round(v, 3) for k, v in b['params'].items()} }` | {b['heldout_ppl']:.2f} | {b.get('recon', nan):.4g} | {b.get('diag', nan):.4g} | {b.get('gini', nan):.4g} | {b.get('ppl', nan):.2f} |")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"

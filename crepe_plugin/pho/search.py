@@ -22,7 +22,7 @@ import torch
 from loguru import logger
 
 from ..core import CRePEConfig, crepe_scores, prune_mask, weight_out_in
-from ..core.proxies import layer_proxy
+from ..core.proxies import layer_proxy, output_energy
 from .calib import CalibStats
 from .config import SEARCHED, SearchConfig, SearchSpace
 
@@ -91,6 +91,7 @@ class Evaluator:
         self.scope = scope
         self.sampled = list(sampled) if sampled is not None else list(modules)
         self.ppl_batches = ppl_batches or []
+        self._energy: dict[str, float] = {}  # tr(W H W^T) per sampled layer: config-independent
 
     def _mask(self, name: str, cfg: CRePEConfig):
         w = weight_out_in(self.modules[name]).detach()
@@ -108,7 +109,9 @@ class Evaluator:
         for layer in self.sampled:
             w, s, scores, mask = self._mask(layer, cfg)
             H = self.stats.H(layer) if name == "recon" else None
-            vals.append(layer_proxy(name, w, mask, scores, s, H, layer))
+            if H is not None and layer not in self._energy:
+                self._energy[layer] = output_energy(w, H)
+            vals.append(layer_proxy(name, w, mask, scores, s, H, layer, self._energy.get(layer)))
         return float(sum(vals) / len(vals))
 
     @contextlib.contextmanager
