@@ -1,7 +1,6 @@
 """Perplexity of CRePE 2:4 stacked with quantization, next to CRePE 2:4 alone and dense.
 
-Each recipe is run through `crepe prune` (atomic save + verify), then evaluated with
-transformers (compressed-tensors decompresses the quantized weights). Prints a table.
+A preset of benchmarks/recipe_table.py (see there).
 
 usage:
   python benchmarks/quant_stacks.py --model smollm2 \
@@ -9,71 +8,14 @@ usage:
       --eval ../shared/data/wikitext2/wiki.test.raw.txt --out /tmp/stacks
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import time
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recipe_table import main  # noqa: E402
+
 # W4A16 at group 64: SmolLM2's 576-wide layers are not divisible by 128
 RECIPES = ["crepe_2of4.yaml", "crepe_2of4_fp8_dynamic.yaml", "crepe_2of4_w8a8_int8.yaml", "crepe_2of4_w4a16_g64.yaml"]
 
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--calib", required=True)
-    ap.add_argument("--eval", required=True)
-    ap.add_argument("--out", default="stack-runs")
-    ap.add_argument("--num-samples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-seqlen", type=int, default=1024)
-    ap.add_argument("--max-segments", type=int, default=16)
-    ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--results", default="benchmarks/results/quant_stacks.jsonl")
-    a = ap.parse_args()
-
-    import torch
-
-    from crepe_plugin.data import read_text
-    from crepe_plugin.evaluate import load_model, perplexity
-    from crepe_plugin.pipeline import prune, resolve_model
-    from crepe_plugin.verify import verify_checkpoint
-
-    text = read_text(a.eval)
-    model = resolve_model(a.model)
-    results = Path(a.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
-    done = {r["recipe"] for r in rows}
-    if "dense" not in done:
-        m, tok = load_model(model, dtype=torch.float32)
-        rows.append({"recipe": "dense", "ppl": perplexity(m, tok, text, a.eval_seqlen, a.max_segments), "seconds": 0.0, "format": "dense", "nm_ok": None})
-        results.open("a").write(json.dumps(rows[-1]) + "\n")
-    for recipe in a.recipes.split(","):
-        if recipe in done:
-            continue
-        out = Path(a.out) / Path(recipe).stem
-        t0 = time.perf_counter()
-        prune(model, ROOT / "recipes" / recipe, a.calib, out, a.num_samples, a.seqlen, overwrite=True)
-        secs = time.perf_counter() - t0
-        rep = verify_checkpoint(out)
-        pruned = [l for l in rep.layers if l.recorded]
-        m, tok = load_model(str(out), dtype=torch.float32)
-        row = {"recipe": recipe, "ppl": perplexity(m, tok, text, a.eval_seqlen, a.max_segments),
-               "seconds": secs, "format": sorted({l.fmt for l in pruned}), "nm_ok": rep.ok and all(l.nm_ok for l in pruned)}  # fmt: skip
-        rows.append(row)
-        results.open("a").write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-    print("| recipe | stored format | exact 2:4 | perplexity | prune+save s |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in rows:
-        fmt = r["format"] if isinstance(r["format"], str) else ", ".join(r["format"])
-        ok = "-" if r["nm_ok"] is None else ("yes" if r["nm_ok"] else "NO")
-        print(f"| {r['recipe']} | {fmt} | {ok} | {r['ppl']:.2f} | {r['seconds']:.1f} |")
-
-
 if __name__ == "__main__":
-    main()
+    main(RECIPES, "benchmarks/results/quant_stacks.jsonl")

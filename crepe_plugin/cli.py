@@ -174,7 +174,7 @@ def _run(args) -> int:
             print(json.dumps({"ok": rep.ok, "errors": rep.errors, "layers": [l.__dict__ for l in rep.layers]}, default=str))
         else:
             rec = rep.record
-            print(f"{rep.path}: " + (f"record {rec['method']} {rec['structure']} ({len(rec['modules'])} layers)" if rec else "no crepe_sparsity record"))
+            print(f"{rep.path}: " + (f"record {rec.get('method', '-')} {rec.get('structure', '-')} ({len(rec.get('modules', {}))} layers)" if rec else "no crepe_sparsity record"))
             print(rep.table())
             for e in rep.errors:
                 print(f"error: {e}", file=sys.stderr)

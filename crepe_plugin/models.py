@@ -61,7 +61,18 @@ def _rebuild(gguf: Path, out: Path, bos: bool = False) -> Path:
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if bos:
-        tok.add_bos_token = True  # Gemma is trained with <bos> first
+        # Gemma is trained with <bos> first. Saved as a plain tokenizers file: the GGUF-built
+        # GemmaTokenizer does not survive save/load (it comes back character-level).
+        from tokenizers.processors import TemplateProcessing
+        from transformers import PreTrainedTokenizerFast
+
+        backend = tok.backend_tokenizer
+        backend.post_processor = TemplateProcessing(
+            single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B", special_tokens=[(tok.bos_token, tok.bos_token_id)]
+        )
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token
+        )
     cfg = src.config.to_dict()
     for k in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
         cfg.pop(k, None)
