@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--structure", default="2:4", help="N:M, or 0:0 for unstructured (then give --sparsity)")
     se.add_argument("--sparsity", type=float, default=None)
     se.add_argument("--trials", type=int, default=60, help="finished trials the study should hold (resumes)")
-    se.add_argument("--proxy", default="recon", choices=["recon", "diag", "gini", "ppl"])
+    se.add_argument("--proxy", default="recon", choices=["recon", "energy", "diag", "gini", "ppl"])
     se.add_argument("--sampler", default=None, choices=["cmaes", "hillclimb", "random"])
     se.add_argument("--out", required=True, help="directory for the study, cache, results and report")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///OUT/pho.db)")
@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--eval-seqlen", type=int, default=1024)
     sv.add_argument("--eval-segments", type=int, default=8)
     sv.add_argument("--seed", type=int, default=1)
-    sv.add_argument("--proxies", default="recon,diag,gini,ppl", help="proxies to record (ppl runs the model: slow)")
+    sv.add_argument("--proxies", default="recon,energy,diag,gini,ppl", help="proxies to record (ppl runs the model: slow)")
 
     de = sub.add_parser(
         "demo",

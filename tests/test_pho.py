@@ -140,6 +140,24 @@ def test_search_starts_at_ria_never_reruns_the_model_and_beats_or_ties_ria(tiny)
         assert r.low <= v <= r.high
 
 
+def test_energy_proxy_pools_the_layers(tiny):
+    from crepe_plugin.core.proxies import output_energy, output_error_terms
+
+    model, mods, sampled, stats = tiny
+    ev = Evaluator(model, mods, stats, "2:4", 0.5, sampled=sampled)
+    cfg = CRePEConfig(row_coef=2.0)
+    num = den = 0.0
+    for name in sampled:
+        w = mods[name].weight.detach()
+        mask = prune_mask(crepe_scores(w, stats.sq_norms[name], cfg), 0.5, "2:4")
+        H = stats.H(name)
+        num += output_error_terms(w, mask, H)
+        den += output_energy(w, H)
+        # the pooled numerator is each layer's relative error times its energy
+        assert output_error_terms(w, mask, H) == pytest.approx(output_error(w, w.masked_fill(mask, 0), H) * output_energy(w, H), rel=1e-4)
+    assert ev.proxy(cfg, "energy") == pytest.approx(num / den, rel=1e-9)
+
+
 def test_prune_model_restores_dense_weights(tiny):
     model, mods, sampled, stats = tiny
     before = {n: m.weight.detach().clone() for n, m in mods.items()}

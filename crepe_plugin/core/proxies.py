@@ -13,11 +13,13 @@ import torch
 
 from .errors import CalibrationError, _where
 
-__all__ = ["PROXIES", "gini", "output_energy", "output_error", "diag_output_error", "layer_proxy"]
+__all__ = ["PROXIES", "gini", "output_energy", "output_error", "output_error_terms", "diag_output_error", "layer_proxy"]
 
-PROXIES = ("recon", "diag", "gini")
-"""recon: relative output error with the full input Gram matrix H; diag: the same with
-diag(H) only (no H needed); gini: minus the Gini coefficient of the retained scores."""
+PROXIES = ("recon", "energy", "diag", "gini")
+"""recon: mean over layers of the relative output error (full input Gram matrix H);
+energy: the output error pooled over layers, sum tr(D H D^T) / sum tr(W H W^T), so each
+layer counts by its output energy; diag: recon with diag(H) only (no H needed);
+gini: minus the Gini coefficient of the retained scores."""
 
 
 def gini(values: torch.Tensor) -> float:
@@ -66,6 +68,12 @@ def diag_output_error(weight: torch.Tensor, mask: torch.Tensor, input_sq_norm: t
     e = weight.detach().to(torch.float32).pow(2).mul_(input_sq_norm.to(torch.float32).reshape(1, -1))
     total = float(e.sum())
     return float(e.masked_fill_(~mask, 0).sum()) / total if total > 0 else 0.0
+
+
+def output_error_terms(weight: torch.Tensor, mask: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H D^T) for D = W on the pruned positions: the numerator of ``output_error``."""
+    d = weight.detach().to(H.dtype).masked_fill(~mask, 0)
+    return float(((d @ H) * d).sum())
 
 
 def layer_proxy(

@@ -166,7 +166,7 @@ class CRePEPruningModifier(Modifier):
         if v is not None and v.proxy == "ppl":
             raise ValueError(
                 "search.proxy 'ppl' is the perplexity baseline PHO replaces; it runs only from "
-                "`crepe search`. Use 'recon', 'diag' or 'gini' in a recipe"
+                "`crepe search`. Use 'recon', 'energy', 'diag' or 'gini' in a recipe"
             )
         return v
 

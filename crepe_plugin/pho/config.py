@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Range", "OddRange", "SearchSpace", "SearchConfig", "PROXY_NAMES", "SEARCHED"]
 
-PROXY_NAMES = ("recon", "diag", "gini", "ppl")
+PROXY_NAMES = ("recon", "energy", "diag", "gini", "ppl")
 SEARCHED = ("row_coef", "col_coef", "neighbor_coef", "kernel_size", "act_exponent")
 
 
@@ -57,7 +57,7 @@ class SearchConfig(BaseModel):
     """PHO settings; also the ``search:`` block of CRePEPruningModifier."""
 
     model_config = ConfigDict(extra="forbid")
-    proxy: Literal["recon", "diag", "gini", "ppl"] = "recon"
+    proxy: Literal["recon", "energy", "diag", "gini", "ppl"] = "recon"
     trials: int = Field(60, ge=1, le=100_000)
     sampler: Literal["cmaes", "hillclimb", "random"] | None = Field(
         None, description="default: cmaes for a proxy, hillclimb for 'ppl' (the baseline PHO replaces)"

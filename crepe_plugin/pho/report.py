@@ -24,7 +24,7 @@ from .config import SEARCHED, SearchConfig, SearchSpace
 __all__ = ["validate", "write_report", "sample_configs"]
 
 VALIDATION_FILE = "validation.jsonl"
-PROXIES = ("recon", "diag", "gini", "ppl")
+PROXIES = ("recon", "energy", "diag", "gini", "ppl")
 
 
 def _settings(out: Path) -> dict:
@@ -87,6 +87,19 @@ def validate(
     path = out / VALIDATION_FILE
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     done = {json.dumps(r["params"], sort_keys=True) for r in rows}
+    # rows from an earlier run lacking a proxy asked for now: add it (held-out ppl is kept)
+    filled = False
+    for r in rows:
+        for name in proxies:
+            if name not in r:
+                t0 = time.perf_counter()
+                r[name] = ev.proxy(CRePEConfig(**r["params"], **FIXED_DEFAULT), name)
+                r[f"{name}_seconds"] = time.perf_counter() - t0
+                filled = True
+    if filled:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
     for kind, p in tqdm(points, desc="PHO validation"):
         key = json.dumps(p, sort_keys=True)
         if key in done:
@@ -213,14 +226,14 @@ def write_report(out_dir: str | Path) -> Path:
         fig.tight_layout()
         fig.savefig(out / "scatter.png", dpi=110)
         plt.close(fig)
-        lines += ["", "![proxy vs held-out perplexity](scatter.png)", "", "| configuration | parameters | held-out ppl | recon | diag | gini | calib ppl |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "![proxy vs held-out perplexity](scatter.png)", "", "| configuration | parameters | held-out ppl | recon | energy | diag | gini | calib ppl |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted((r for r in rows if r["kind"] != "sample"), key=lambda r: r["heldout_ppl"]):
             pp = {k: round(v, 3) for k, v in r["params"].items()}
-            lines.append(f"| {r['kind']} | `{pp}` | {r['heldout_ppl']:.2f} | {r.get('recon', nan):.4g} | {r.get('diag', nan):.4g} | {r.get('gini', nan):.4g} | {r.get('ppl', nan):.2f} |")
+            lines.append(f"| {r['kind']} | `{pp}` | {r['heldout_ppl']:.2f} | {r.get('recon', nan):.4g} | {r.get('energy', nan):.4g} | {r.get('diag', nan):.4g} | {r.get('gini', nan):.4g} | {r.get('ppl', nan):.2f} |")
         best_sample = min((r for r in rows if r["kind"] == "sample"), key=lambda r: r["heldout_ppl"], default=None)
         if best_sample:
             b = best_sample
-            lines.append(f"| best uniform sample | `{ {k: round(v, 3) for k, v in b['params'].items()} }` | {b['heldout_ppl']:.2f} | {b.get('recon', nan):.4g} | {b.get('diag', nan):.4g} | {b.get('gini', nan):.4g} | {b.get('ppl', nan):.2f} |")
+            lines.append(f"| best uniform sample | `{ {k: round(v, 3) for k, v in b['params'].items()} }` | {b['heldout_ppl']:.2f} | {b.get('recon', nan):.4g} | {b.get('energy', nan):.4g} | {b.get('diag', nan):.4g} | {b.get('gini', nan):.4g} | {b.get('ppl', nan):.2f} |")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"

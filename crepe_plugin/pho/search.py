@@ -22,7 +22,7 @@ import torch
 from loguru import logger
 
 from ..core import CRePEConfig, crepe_scores, prune_mask, weight_out_in
-from ..core.proxies import layer_proxy, output_energy
+from ..core.proxies import layer_proxy, output_energy, output_error_terms
 from .calib import CalibStats
 from .config import SEARCHED, SearchConfig, SearchSpace
 
@@ -105,6 +105,18 @@ class Evaluator:
     def proxy(self, cfg: CRePEConfig, name: str) -> float:
         if name == "ppl":
             return self.calib_ppl(cfg)
+        if name == "energy":  # pooled: sum of errors over sum of output energies
+            num = den = 0.0
+            for layer in self.sampled:
+                w, _, _, mask = self._mask(layer, cfg)
+                H = self.stats.H(layer)
+                if H is None:
+                    raise ValueError(f"the 'energy' proxy needs the Gram matrix of layer '{layer}'")
+                if layer not in self._energy:
+                    self._energy[layer] = output_energy(w, H)
+                num += output_error_terms(w, mask, H)
+                den += self._energy[layer]
+            return num / den if den > 0 else 0.0
         vals = []
         for layer in self.sampled:
             w, s, scores, mask = self._mask(layer, cfg)
