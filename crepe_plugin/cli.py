@@ -12,7 +12,7 @@ EPILOG = """examples:
   crepe prune meta-llama/Llama-3.2-1B --recipe recipes/crepe_2of4.yaml --calib wikitext:wikitext-2-raw-v1 --out out
   crepe eval ./llama-crepe-2of4 --text wiki.test.raw.txt --seqlen 1024 --max-segments 16
   crepe verify ./llama-crepe-2of4
-  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy recon --out pho-run
+  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy energy --out pho-run
   crepe search-validate pho-run --eval wiki.test.raw.txt --samples 30
   crepe serve-check ./llama-crepe-2of4        (in the vLLM environment)
 """
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "search",
         help="PHO: search CRePE's coefficients against a cheap proxy (Optuna CMA-ES)",
         epilog=(
-            "examples:\n  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy recon --out pho-run\n"
+            "examples:\n  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy energy --out pho-run\n"
             "  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy ppl --out pho-run   (baseline)\n"
             "  two processes, one search:  crepe search ... --storage postgresql://user@host/db --study my-search  (on each)"
         ),
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--structure", default="2:4", help="N:M, or 0:0 for unstructured (then give --sparsity)")
     se.add_argument("--sparsity", type=float, default=None)
     se.add_argument("--trials", type=int, default=60, help="finished trials the study should hold (resumes)")
-    se.add_argument("--proxy", default="recon", choices=["recon", "energy", "diag", "gini", "ppl"])
+    se.add_argument("--proxy", default="energy", choices=["recon", "energy", "diag", "gini", "ppl"])
     se.add_argument("--sampler", default=None, choices=["cmaes", "hillclimb", "random"])
     se.add_argument("--out", required=True, help="directory for the study, cache, results and report")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///OUT/pho.db)")

@@ -217,7 +217,7 @@ def test_recipe_search_block_runs_pho_and_records_it(tmp_path, tiny_model_dir):
     cfg = json.loads((out / "config.json").read_text())
     rec = cfg[RECORD_KEY]
     s = rec["config"]["search"]
-    assert s["proxy"] == "recon" and s["trials"] == 6
+    assert s["proxy"] == "energy" and s["trials"] == 6
     for k, v in s["params"].items():  # the model was pruned with the chosen point
         assert rec["config"][k] == pytest.approx(v)
     sd = load_file(out / "model.safetensors")

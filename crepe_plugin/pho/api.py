@@ -2,7 +2,7 @@
 
     from crepe_plugin.pho import search
     result = search("smollm2", calib="wiki.valid.tokens.txt", structure="2:4",
-                    config=SearchConfig(proxy="recon", trials=60), out_dir="pho-run")
+                    config=SearchConfig(proxy="energy", trials=60), out_dir="pho-run")
 
 Writes into ``out_dir``: the Optuna study (``pho.db``, SQLite, unless a storage URL is
 given), the cached statistics, ``best_<proxy>.json`` and ``recipe_<proxy>.yaml`` (a

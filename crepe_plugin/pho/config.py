@@ -57,7 +57,9 @@ class SearchConfig(BaseModel):
     """PHO settings; also the ``search:`` block of CRePEPruningModifier."""
 
     model_config = ConfigDict(extra="forbid")
-    proxy: Literal["recon", "energy", "diag", "gini", "ppl"] = "recon"
+    proxy: Literal["recon", "energy", "diag", "gini", "ppl"] = Field(
+        "energy", description="the proxy minimised; 'energy' tracked held-out perplexity best (docs/method.md)"
+    )
     trials: int = Field(60, ge=1, le=100_000)
     sampler: Literal["cmaes", "hillclimb", "random"] | None = Field(
         None, description="default: cmaes for a proxy, hillclimb for 'ppl' (the baseline PHO replaces)"
