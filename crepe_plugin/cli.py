@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--prompts", nargs="+", default=None)
     sc.add_argument("--max-tokens", type=int, default=16)
     sc.add_argument("--no-server", action="store_true")
+    sc.add_argument("--no-plugin", action="store_true", help="serve without asking for the crepe_sparse plugin")
 
     se = sub.add_parser(
         "search",
@@ -206,6 +207,7 @@ def _run(args) -> int:
         argv = [args.dir, "--max-tokens", str(args.max_tokens)]
         argv += ["--prompts", *args.prompts] if args.prompts else []
         argv += ["--no-server"] if args.no_server else []
+        argv += ["--no-plugin"] if args.no_plugin else []
         return check_main(argv)
     if args.cmd == "search":
         from .pho import SearchConfig, SearchSpace, search

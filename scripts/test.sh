@@ -13,6 +13,6 @@ run() {  # pytest exit 5 (nothing collected) is a failure here: a suite must run
 }
 
 rc=0
-run .venv-compress tests --ignore=tests/serve -q -p no:cacheprovider "$@" || rc=1
+run .venv-compress tests --ignore=tests/serve --ignore=tests/gpu -q -p no:cacheprovider "$@" || rc=1
 run .venv-serve tests/serve -q -p no:cacheprovider "$@" || rc=1
 exit $rc

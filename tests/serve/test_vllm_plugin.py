@@ -1,0 +1,105 @@
+"""The crepe_sparse vLLM plugin on the CPU build of vLLM (runs in the serve venv).
+
+On CPU the sparse path cannot run, so these tests pin what must hold everywhere: the entry
+point loads (twice), our checkpoints are claimed and plain ones are not, the fallback is taken
+and said, and generation is token-for-token the run without the plugin. The cuSPARSELt path
+itself is tested on a GPU by tests/gpu.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from .conftest import check, prune
+
+
+def _plugin():
+    eps = [e for e in entry_points(group="vllm.general_plugins") if e.name == "crepe_sparse"]
+    assert len(eps) == 1, "the serve extra must install the vllm.general_plugins entry point"
+    return eps[0]
+
+
+def test_entry_point_registers_once_and_tolerates_reloading():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    from crepe_plugin.vllm.quant import CRePESparseConfig
+
+    register = _plugin().load()
+    register()
+    register()
+    _plugin().load()()
+    assert QUANTIZATION_METHODS.count("crepe_sparse") == 1
+    assert get_quantization_config("crepe_sparse") is CRePESparseConfig
+
+
+@pytest.fixture(scope="module")
+def checkpoints(workdir):
+    return {r: prune(workdir, f"{r}.yaml") for r in ("crepe_2of4", "crepe_2of4_fp8_dynamic")} | {"plain": workdir / "tiny"}
+
+
+def test_vllm_claims_only_checkpoints_with_our_record(checkpoints):
+    """vLLM's own ModelConfig resolution, with the plugin registered: the quantized 2:4
+    checkpoint is claimed through the override hook, the plain model is left alone, a pruned-only
+    one is claimed when asked for by name, and a user's explicit choice is respected."""
+    from vllm.config import ModelConfig
+
+    _plugin().load()()
+    q = lambda path, **kw: ModelConfig(model=str(path), dtype="float32", max_model_len=128, **kw).quantization  # noqa: E731
+    assert q(checkpoints["crepe_2of4_fp8_dynamic"]) == "crepe_sparse"
+    assert q(checkpoints["crepe_2of4_fp8_dynamic"], quantization="compressed-tensors") == "compressed-tensors"
+    assert q(checkpoints["plain"]) is None
+    assert q(checkpoints["crepe_2of4"]) is None  # no quantization_config: vLLM asks no hook
+    assert q(checkpoints["crepe_2of4"], quantization="crepe_sparse") == "crepe_sparse"
+
+
+def test_override_hook_reads_the_record(checkpoints):
+    from transformers import AutoConfig
+
+    from crepe_plugin.vllm.quant import CRePESparseConfig, sparse_modules
+
+    fp8 = checkpoints["crepe_2of4_fp8_dynamic"]
+    hf = AutoConfig.from_pretrained(fp8)
+    qcfg = json.loads((fp8 / "config.json").read_text())["quantization_config"]
+    assert len(sparse_modules(hf.crepe_sparsity)) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
+    assert CRePESparseConfig.override_quantization_method(qcfg, None, hf_config=hf) == "crepe_sparse"
+    assert CRePESparseConfig.override_quantization_method(qcfg, "fp8", hf_config=hf) is None
+    plain = AutoConfig.from_pretrained(checkpoints["plain"])
+    assert CRePESparseConfig.override_quantization_method(qcfg, None, hf_config=plain) is None
+
+
+def test_forcing_the_plugin_on_a_plain_model_is_a_clear_error(checkpoints):
+    code = (
+        "from vllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    LLM(model={str(checkpoints['plain'])!r}, dtype='float32', max_model_len=128, enforce_eager=True, "
+        "quantization='crepe_sparse')\n"
+    )
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0
+    assert "has no 'crepe_sparsity' record with 2:4 modules" in r.stdout + r.stderr
+
+
+def test_pruned_checkpoint_falls_back_on_cpu_and_matches_no_plugin(pruned_check, pruned_checkpoint):
+    res, r = pruned_check
+    assert res and res["quantization"] == "crepe_sparse", r.stdout[-3000:] + r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "crepe_sparse: 2:4 layers fall back to the dense path: CPU" in log
+    off, r2 = check(pruned_checkpoint, "--no-server", "--no-plugin", env={"VLLM_PLUGINS": ""})
+    assert off and off["quantization"] is None, r2.stderr[-3000:]
+    assert res["vllm_tokens"] == off["vllm_tokens"]
+
+
+def test_fp8_checkpoint_claimed_and_matches_no_plugin(checkpoints):
+    on, r = check(checkpoints["crepe_2of4_fp8_dynamic"], "--no-server")
+    assert on and on["quantization"] == "crepe_sparse", r.stdout[-3000:] + r.stderr[-3000:]
+    assert "compressed-tensors' dense quantized kernels" in r.stdout + r.stderr
+    off, r2 = check(checkpoints["crepe_2of4_fp8_dynamic"], "--no-server", env={"VLLM_PLUGINS": ""})
+    assert off and off["quantization"] == "compressed-tensors", r2.stderr[-3000:]
+    assert on["vllm_tokens"] == off["vllm_tokens"]
