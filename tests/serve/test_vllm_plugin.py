@@ -103,3 +103,23 @@ def test_fp8_checkpoint_claimed_and_matches_no_plugin(checkpoints):
     off, r2 = check(checkpoints["crepe_2of4_fp8_dynamic"], "--no-server", env={"VLLM_PLUGINS": ""})
     assert off and off["quantization"] == "compressed-tensors", r2.stderr[-3000:]
     assert on["vllm_tokens"] == off["vllm_tokens"]
+
+
+def test_fused_vllm_layers_match_their_checkpoint_modules(checkpoints):
+    """vLLM fuses q/k/v and gate/up: a fused layer is 2:4 when every shard is in the record."""
+    from transformers import AutoConfig
+
+    from crepe_plugin.vllm.quant import CRePESparseConfig
+
+    rec = AutoConfig.from_pretrained(checkpoints["crepe_2of4"]).crepe_sparsity
+    cfg = CRePESparseConfig(record=rec)
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    for layer in ("qkv_proj", "o_proj"):
+        assert cfg._is_sparse(f"model.layers.1.self_attn.{layer}")
+    for layer in ("gate_up_proj", "down_proj"):
+        assert cfg._is_sparse(f"model.layers.0.mlp.{layer}")
+    assert not cfg._is_sparse("lm_head")
+    partial = {**rec, "modules": {k: v for k, v in rec["modules"].items() if not k.endswith("k_proj")}}
+    cfg = CRePESparseConfig(record=partial)
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    assert not cfg._is_sparse("model.layers.0.self_attn.qkv_proj")  # one shard dense: the fused layer is not 2:4
