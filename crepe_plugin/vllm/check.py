@@ -32,12 +32,12 @@ def plugin_quantization(path: Path) -> str | None:
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
     from vllm.plugins import load_general_plugins
 
-    from ..record import read_record
+    from ..record import RECORD_KEY
     from .quant import NAME, sparse_modules
 
     load_general_plugins()  # what vLLM does in each process; honours VLLM_PLUGINS
     cfg = json.loads((path / "config.json").read_text())
-    if NAME in QUANTIZATION_METHODS and "quantization_config" not in cfg and sparse_modules(read_record(path)):
+    if NAME in QUANTIZATION_METHODS and "quantization_config" not in cfg and sparse_modules(cfg.get(RECORD_KEY)):
         return NAME
     return None
 

@@ -47,12 +47,8 @@ def sparse_modules(record: Any) -> set[str]:
 
 
 def _hf_record(hf_config: Any) -> Any:
-    if hf_config is None:
-        return None
-    rec = getattr(hf_config, RECORD_KEY, None)
-    if rec is None and hasattr(hf_config, "to_dict"):
-        rec = hf_config.to_dict().get(RECORD_KEY)
-    return rec
+    """transformers keeps unknown config.json keys as config attributes."""
+    return getattr(hf_config, RECORD_KEY, None)
 
 
 def _current_record() -> Any:

@@ -45,7 +45,7 @@ SPARSE_DTYPES: dict[torch.dtype, tuple[int, int, int]] = {
 }
 
 
-def fallback_reason(weight: torch.Tensor, check_pattern: bool = True) -> str | None:
+def fallback_reason(weight: torch.Tensor) -> str | None:
     """Why this weight cannot run on the 2:4 sparse kernel, or None if it can.
 
     The reasons are short and stable: the vLLM adapter logs each distinct one once.
@@ -69,10 +69,9 @@ def fallback_reason(weight: torch.Tensor, check_pattern: bool = True) -> str | N
     rows, cols, _ = SPARSE_DTYPES[weight.dtype]
     if weight.shape[0] % rows or weight.shape[1] % cols:
         return f"shape {tuple(weight.shape)} not a multiple of ({rows}, {cols}) (dense kernel)"
-    if check_pattern:
-        w = weight if weight.dtype != torch.float8_e4m3fn else weight.to(torch.float16)
-        if not is_nm(w, 2, 4):
-            return "weight is not 2:4 in stored order (dense kernel)"
+    w = weight if weight.dtype != torch.float8_e4m3fn else weight.to(torch.float16)
+    if not is_nm(w, 2, 4):
+        return "weight is not 2:4 in stored order (dense kernel)"
     return None
 
 
