@@ -1,12 +1,13 @@
-"""Side-by-side: dense, magnitude, Wanda, SparseGPT (llm-compressor), RIA and CRePE.
+"""Side-by-side: dense, magnitude, Wanda, SparseGPT (llm-compressor), RIA, CRePE (its
+defaults) and the shipped best recipe (recipes/crepe_best_2of4.yaml, crepe_best_unstructured50.yaml).
 
 Each method runs in its own subprocess (so peak memory is its own), at 2:4 and at 50%
 unstructured, and appends a JSON line to --results as soon as it finishes; the table is
 printed from that file (rerun with --table-only to print it again).
 
-usage:
+usage (the project's protocol: calibration from the first 75% of valid, report on test):
   python benchmarks/compare_methods.py --model smollm2 \
-      --calib ../shared/data/wikitext2/wiki.valid.tokens.txt \
+      --calib '../shared/data/wikitext2/wiki.valid.tokens.txt[:0.75]' \
       --eval ../shared/data/wikitext2/wiki.test.raw.txt \
       --num-samples 64 --seqlen 512 --eval-seqlen 1024 --max-segments 16
 """
@@ -30,7 +31,10 @@ METHODS = {
     "crepe": "CRePEPruningModifier",
     "ria+recon": "RIAPruningModifier",
     "crepe+recon": "CRePEPruningModifier",
+    "best": None,
 }
+BEST = {"2:4": "crepe_best_2of4.yaml", "0:0": "crepe_best_unstructured50.yaml"}
+ROOT = Path(__file__).resolve().parents[1]
 EXTRA = {"ria+recon": ["      reconstruct: true"], "crepe+recon": ["      reconstruct: true"]}
 DEFAULT_ORDER = [
     ("dense", "-"), ("magnitude", "2:4"), ("magnitude", "0:0"),
@@ -40,6 +44,8 @@ DEFAULT_ORDER = [
 
 
 def recipe_for(method: str, structure: str) -> str:
+    if method == "best":
+        return (ROOT / "recipes" / BEST[structure]).read_text()
     mod = METHODS[method]
     lines = [f"    {mod}:", "      sparsity: 0.5", f"      mask_structure: '{structure}'", "      ignore: ['re:.*lm_head']"]
     lines += EXTRA.get(method, [])
@@ -77,8 +83,12 @@ def run_one(a) -> dict:
         seconds = time.perf_counter() - t0
     ppl = perplexity(model, tok, read_text(a.eval), a.eval_seqlen, a.max_segments, progress=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": a.method, "structure": a.structure, "ppl": ppl, "seconds": seconds, "peak_rss_mb": peak_mb,
-            "num_samples": a.num_samples, "seqlen": a.seqlen, "model": a.model}  # fmt: skip
+    row = {"method": a.method, "structure": a.structure, "ppl": ppl, "seconds": seconds, "peak_rss_mb": peak_mb,
+           "num_samples": a.num_samples, "seqlen": a.seqlen, "model": a.model, "calib": a.calib, "eval": a.eval}  # fmt: skip
+    if a.val:
+        row["val"] = a.val
+        row["val_ppl"] = perplexity(model, tok, read_text(a.val), a.eval_seqlen, a.max_segments, progress=False)
+    return row
 
 
 def table(results: Path) -> str:
@@ -87,6 +97,15 @@ def table(results: Path) -> str:
     for r in rows:
         s = {"0:0": "50% unstructured", "-": "-"}.get(r["structure"], r["structure"])
         out.append(f"| {r['method']} | {s} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    by = {(r["method"], r["structure"]): r for r in rows}
+    for st, name in (("2:4", "2:4"), ("0:0", "50% unstructured")):
+        if ("wanda", st) in by and ("crepe", st) in by:
+            ref = min(by[("wanda", st)]["ppl"], by.get(("ria", st), by[("wanda", st)])["ppl"])
+            out.append(f"\n{name}: CRePE defaults / min(Wanda, RIA) = {by[('crepe', st)]['ppl'] / ref:.3f}; "
+                       f"time / Wanda = {by[('crepe', st)]['seconds'] / by[('wanda', st)]['seconds']:.2f}")  # fmt: skip
+        if ("best", st) in by and ("sparsegpt", st) in by:
+            b, g = by[("best", st)], by[("sparsegpt", st)]
+            out.append(f"{name}: best recipe / SparseGPT = {b['ppl'] / g['ppl']:.3f}; time / SparseGPT = {b['seconds'] / g['seconds']:.2f}")
     return "\n".join(out)
 
 
@@ -99,6 +118,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--max-segments", type=int, default=16)
+    ap.add_argument("--val", default=None, help="also record perplexity on this validation text")
     ap.add_argument("--results", default="benchmarks/results/compare_methods.jsonl")
     ap.add_argument("--only", default=None, help="comma list of method:structure, e.g. ria:2:4,wanda:0:0")
     ap.add_argument("--table-only", action="store_true")
@@ -116,8 +136,9 @@ def main():
             order = [(x.split(":", 1)[0], x.split(":", 1)[1]) for x in a.only.split(",")]
         for method, structure in order:
             cmd = [sys.executable, __file__, "--method", method, "--structure", structure]
-            for k in ("model", "calib", "eval", "num_samples", "seqlen", "eval_seqlen", "max_segments"):
-                cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+            for k in ("model", "calib", "eval", "num_samples", "seqlen", "eval_seqlen", "max_segments", "val"):
+                if getattr(a, k) is not None:
+                    cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
             print(f"== {method} {structure}", flush=True)
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)

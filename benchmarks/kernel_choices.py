@@ -8,7 +8,7 @@ perplexity and the energy proxy for each. Rows are appended to --results (JSONL,
 
 usage:
   python benchmarks/kernel_choices.py --search-dir pho-run --proxy energy \\
-      --eval ../shared/data/wikitext2/wiki.test.raw.txt --results benchmarks/results/kernel_choices.jsonl
+      --eval '../shared/data/wikitext2/wiki.valid.tokens.txt[0.75:]' --results benchmarks/results/kernel_choices.jsonl
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--search-dir", required=True)
     ap.add_argument("--proxy", default="energy", help="whose best point to start from")
-    ap.add_argument("--eval", required=True)
+    ap.add_argument("--eval", required=True, help="validation text; the test text is refused")
+    ap.add_argument("--allow-test-text", action="store_true")
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--eval-segments", type=int, default=8)
     ap.add_argument("--results", default="benchmarks/results/kernel_choices.jsonl")
     a = ap.parse_args()
 
     from crepe_plugin.core import CRePEConfig
-    from crepe_plugin.data import read_text
+    from crepe_plugin.data import read_text, refuse_test_text
+
+    refuse_test_text(a.eval, "--eval", allow=a.allow_test_text)
     from crepe_plugin.evaluate import perplexity_of_ids
     from crepe_plugin.pho.api import _stats_meta, build_evaluator, load_session
     from crepe_plugin.pho.calib import STATS_FILE, CalibStats

@@ -12,8 +12,13 @@ EPILOG = """examples:
   crepe prune meta-llama/Llama-3.2-1B --recipe recipes/crepe_2of4.yaml --calib wikitext:wikitext-2-raw-v1 --out out
   crepe eval ./llama-crepe-2of4 --text wiki.test.raw.txt --seqlen 1024 --max-segments 16
   crepe verify ./llama-crepe-2of4
-  crepe search smollm2 --calib wiki.valid.tokens.txt --structure 2:4 --trials 60 --proxy energy --out pho-run
-  crepe search-validate pho-run --eval wiki.test.raw.txt --samples 30
+  crepe search smollm2 --calib 'wiki.valid.tokens.txt[:0.75]' --structure 2:4 --trials 60 --proxy energy --out pho-run
+  crepe search-validate pho-run --eval 'wiki.valid.tokens.txt[0.75:]' --samples 30
+
+text sources: a file, a local dataset dir or a hub dataset 'name[:config]'; a file may end in a
+fractional slice, FILE[lo:hi] (cut at line starts). The project's protocol: calibration =
+wiki.valid.tokens.txt[:0.75], validation (every choice) = wiki.valid.tokens.txt[0.75:],
+test (reporting only) = wiki.test.raw.txt.
   crepe serve-check ./llama-crepe-2of4        (in the vLLM environment)
 """
 
@@ -67,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     ve.add_argument("dir")
     ve.add_argument("--structure", default=None, help="pattern to report unrecorded layers against (default 2:4)")
     ve.add_argument("--json", action="store_true")
+    ve.add_argument("--require-record", action="store_true", help="fail (exit 1) when no layer is recorded as pruned")
 
     sc = sub.add_parser(
         "serve-check",
@@ -94,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--calib", required=True, help="text file, local dataset dir, or hub dataset 'name[:config]'")
     se.add_argument("--structure", default="2:4", help="N:M, or 0:0 for unstructured (then give --sparsity)")
     se.add_argument("--sparsity", type=float, default=None)
+    se.add_argument("--scope", default="matrix", choices=["matrix", "row"], help="unstructured only")
     se.add_argument("--trials", type=int, default=60, help="finished trials the study should hold (resumes)")
     se.add_argument("--proxy", default="energy", choices=["recon", "energy", "diag", "gini", "ppl"])
     se.add_argument("--sampler", default=None, choices=["cmaes", "hillclimb", "random"])
@@ -109,11 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser(
         "search-validate",
         help="PHO report: proxies against held-out perplexity over sampled configurations",
-        epilog="example:\n  crepe search-validate pho-run --eval wiki.test.raw.txt --samples 30",
+        epilog="example:\n  crepe search-validate pho-run --eval 'wiki.valid.tokens.txt[0.75:]' --samples 30",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sv.add_argument("dir", help="a `crepe search --out` directory")
-    sv.add_argument("--eval", required=True, help="held-out text file, local dataset dir, or hub dataset")
+    sv.add_argument(
+        "--eval",
+        default=None,
+        help="validation text (default: the last 25%% of WikiText-2 valid); the test text is refused",
+    )
+    sv.add_argument("--allow-test-text", action="store_true", help="validate on test text anyway (loud warning)")
     sv.add_argument("--samples", type=int, default=30)
     sv.add_argument("--eval-seqlen", type=int, default=1024)
     sv.add_argument("--eval-segments", type=int, default=8)
@@ -122,8 +134,8 @@ def _parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser(
         "demo",
-        help="SmolLM2-135M: prune 2:4 with CRePE and Wanda, evaluate, save and verify",
-        epilog="example:\n  crepe demo --out crepe-demo",
+        help="SmolLM2-135M at 2:4: Wanda, SparseGPT, CRePE's defaults and the best recipe (saved, verified)",
+        epilog="example:\n  crepe demo --out crepe-demo\n  crepe demo --quick   (without the SparseGPT row)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     de.add_argument("--out", default="crepe-demo")
@@ -132,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--seqlen", type=int, default=512)
     de.add_argument("--eval-seqlen", type=int, default=1024)
     de.add_argument("--max-segments", type=int, default=16)
+    de.add_argument("--quick", action="store_true", help="skip the SparseGPT row (the slowest baseline)")
     return p
 
 
@@ -153,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import RecipeError
         from .verify import CheckpointError
 
-        known = (PruningError, RecipeError, CheckpointError, FileExistsError, FileNotFoundError)
+        from .data import TextSourceError, TestTextError
+        from .evaluate import EvalError
+
+        known = (PruningError, RecipeError, CheckpointError, FileExistsError, FileNotFoundError, TestTextError,
+                 EvalError, UsageError, TextSourceError)  # fmt: skip
         try:
             from pydantic import ValidationError
 
@@ -161,25 +178,59 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
         if isinstance(e, known):
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
         raise
 
 
+class UsageError(ValueError):
+    """A command-line argument is out of range."""
+
+
+def _check_positive(args, *names: str) -> None:
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+
+
+def _one_line(e: Exception) -> str:
+    """One line for the user: pydantic's first error as 'field: message', others flattened."""
+    try:
+        from pydantic import ValidationError
+
+        if isinstance(e, ValidationError):
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err.get("loc", ())) or e.title
+            return f"{e.title}: {loc}: {err['msg']}"
+    except ImportError:
+        pass
+    return " ".join(str(e).split())
+
+
 def _run(args) -> int:
+    _check_positive(args, "num_samples", "seqlen", "max_segments", "trials", "samples", "eval_segments", "max_tokens")
     if args.cmd == "verify":
         from .verify import verify_checkpoint
 
-        rep = verify_checkpoint(args.dir, args.structure)
+        rep = verify_checkpoint(args.dir, args.structure, require_record=args.require_record)
+        recorded = [l for l in rep.layers if l.recorded]
         if args.json:
-            print(json.dumps({"ok": rep.ok, "errors": rep.errors, "layers": [l.__dict__ for l in rep.layers]}, default=str))
+            print(json.dumps({"ok": rep.ok, "recorded_layers": len(recorded), "errors": rep.errors,
+                              "layers": [l.__dict__ for l in rep.layers]}, default=str))  # fmt: skip
         else:
             rec = rep.record
-            print(f"{rep.path}: " + (f"record {rec.get('method', '-')} {rec.get('structure', '-')} ({len(rec.get('modules', {}))} layers)" if rec else "no crepe_sparsity record"))
+            print(f"{rep.path}: " + (f"record {rec.get('method', '-')} {rec.get('structure', '-')} ({len(recorded)} layers)" if rec else "no crepe_sparsity record"))
             print(rep.table())
             for e in rep.errors:
                 print(f"error: {e}", file=sys.stderr)
-            print("OK" if rep.ok else "FAILED")
+            if not rep.ok:
+                print("FAILED")
+            elif not recorded:
+                print("NOT VERIFIED: no layer is recorded as pruned, so nothing was checked against a record "
+                      "(the table only reports); --require-record makes this a failure")  # fmt: skip
+            else:
+                print(f"OK: {len(recorded)} recorded layers are what the record says")
         return 0 if rep.ok else 1
     if args.cmd == "eval":
         import torch
@@ -188,6 +239,8 @@ def _run(args) -> int:
         from .evaluate import load_model, perplexity
         from .pipeline import resolve_model
 
+        if args.seqlen < 2:
+            raise UsageError(f"--seqlen must be at least 2 (one prediction needs two tokens), got {args.seqlen}")
         model, tok = load_model(resolve_model(args.model), dtype=getattr(torch, args.dtype), device=args.device)
         ppl = perplexity(model, tok, read_text(args.text, args.split), args.seqlen, args.max_segments)
         if args.json:
@@ -212,6 +265,15 @@ def _run(args) -> int:
     if args.cmd == "search":
         from .pho import SearchConfig, SearchSpace, search
 
+        if args.layers != "all" and (not args.layers.isdigit() or int(args.layers) < 1):
+            raise UsageError(f"--layers must be a positive integer or 'all', got {args.layers!r}")
+        if args.bounds:
+            try:
+                bounds = json.loads(args.bounds)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--bounds is not valid JSON ({e.msg} at character {e.pos}): {args.bounds!r}") from None
+            if not isinstance(bounds, dict):
+                raise UsageError(f"--bounds must be a JSON object of parameter ranges, got {args.bounds!r}")
         cfg = SearchConfig(
             proxy=args.proxy,
             trials=args.trials,
@@ -220,23 +282,32 @@ def _run(args) -> int:
             study_name=args.study,
             seed=args.seed,
             layers="all" if args.layers == "all" else int(args.layers),
-            bounds=SearchSpace(**json.loads(args.bounds)) if args.bounds else SearchSpace(),
+            bounds=SearchSpace(**bounds) if args.bounds else SearchSpace(),
         )
-        res = search(args.model, args.calib, args.structure, args.sparsity, cfg, args.out, args.num_samples, args.seqlen, args.seed)
+        res = search(args.model, args.calib, args.structure, args.sparsity, cfg, args.out, args.num_samples, args.seqlen,
+                     args.seed, scope=args.scope)  # fmt: skip
         print(json.dumps({k: res[k] for k in ("proxy", "value", "params", "trials", "trial_seconds", "study_name")}))
         print(f"wrote {args.out}/best_{args.proxy}.json, {args.out}/recipe_{args.proxy}.yaml and {args.out}/report.md")
         return 0
     if args.cmd == "search-validate":
+        from .data import protocol, refuse_test_text
         from .pho import validate
 
-        path = validate(args.dir, args.eval, args.samples, args.eval_seqlen, args.eval_segments, args.seed,
+        text = args.eval
+        if text is None:
+            proto = protocol()
+            if proto is None:
+                raise FileNotFoundError("no --eval given and WikiText-2 valid not found; set CREPE_DATA_DIR or pass --eval")
+            text = proto.validation
+        refuse_test_text(text, "--eval", allow=args.allow_test_text)
+        path = validate(args.dir, text, args.samples, args.eval_seqlen, args.eval_segments, args.seed,
                         proxies=tuple(p for p in args.proxies.split(",") if p))  # fmt: skip
         print(f"wrote {path}")
         return 0
     if args.cmd == "demo":
         from .demo import demo
 
-        demo(args.out, args.data_dir, args.num_samples, args.seqlen, args.eval_seqlen, args.max_segments)
+        demo(args.out, args.data_dir, args.num_samples, args.seqlen, args.eval_seqlen, args.max_segments, quick=args.quick)
         return 0
     raise AssertionError(args.cmd)
 

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import os
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["default_data_dir", "wikitext_file", "read_text", "calibration_dataset"]
+__all__ = [
+    "default_data_dir",
+    "wikitext_file",
+    "read_text",
+    "calibration_dataset",
+    "split_source",
+    "Protocol",
+    "protocol",
+    "refuse_test_text",
+    "TestTextError",
+    "TextSourceError",
+    "CALIB_FRACTION",
+]
+
+CALIB_FRACTION = 0.75
+"""The default protocol cuts WikiText-2 valid here: calibration windows come from the text
+before this fraction, validation perplexity from the text after it. The test text is only
+for reporting."""
+
+_SLICE = re.compile(r"^(?P<src>.+)\[(?P<lo>[^\[\]:]*):(?P<hi>[^\[\]:]*)\]$")
 
 
 def default_data_dir() -> Path | None:
@@ -31,24 +52,126 @@ def wikitext_file(name: str) -> Path | None:
     return p if p.is_file() else None
 
 
+def split_source(source: str) -> tuple[str, float, float]:
+    """'FILE[lo:hi]' -> (FILE, lo, hi) with fractions of the text; plain sources -> (source, 0, 1)."""
+    m = _SLICE.match(str(source))
+    if not m:
+        return str(source), 0.0, 1.0
+    try:
+        lo = float(m.group("lo")) if m.group("lo") else 0.0
+        hi = float(m.group("hi")) if m.group("hi") else 1.0
+    except ValueError:
+        raise TextSourceError(f"text source {source!r}: the slice must be [lo:hi] with fractions in [0, 1]") from None
+    if not (0.0 <= lo < hi <= 1.0):
+        raise TextSourceError(f"text source {source!r}: the slice must be [lo:hi] with 0 <= lo < hi <= 1")
+    return m.group("src"), lo, hi
+
+
+def _cut(text: str, frac: float) -> int:
+    """Character offset of ``frac`` of the text, moved forward to the next line start."""
+    if frac <= 0.0:
+        return 0
+    if frac >= 1.0:
+        return len(text)
+    i = int(len(text) * frac)
+    j = text.find("\n", i)
+    return len(text) if j < 0 else j + 1
+
+
 def read_text(source: str, split: str = "test", text_column: str = "text") -> str:
     """The text of a file, a local dataset directory, or a hub dataset ('name[:config]').
 
-    Dataset rows are joined with blank lines, as the WikiText perplexity protocol does.
+    A trailing ``[lo:hi]`` keeps that fraction of the text, cut at line starts:
+    ``wiki.valid.tokens.txt[:0.75]`` and ``wiki.valid.tokens.txt[0.75:]`` are disjoint and
+    together give the whole file. Dataset rows are joined with blank lines, as the WikiText
+    perplexity protocol does.
     """
-    p = Path(source)
+    src, lo, hi = split_source(source)
+    p = Path(src)
     if p.is_file():
-        return p.read_text(encoding="utf-8")
-    ds = _load_dataset(source, split)
-    if text_column not in ds.column_names:
-        raise ValueError(f"dataset {source!r} has no column {text_column!r} (columns: {ds.column_names})")
-    return "\n\n".join(ds[text_column])
+        text = p.read_text(encoding="utf-8")
+    else:
+        ds = _load_dataset(src, split)
+        if text_column not in ds.column_names:
+            raise TextSourceError(f"dataset {src!r} has no column {text_column!r} (columns: {ds.column_names})")
+        text = "\n\n".join(ds[text_column])
+    if (lo, hi) != (0.0, 1.0):
+        text = text[_cut(text, lo) : _cut(text, hi)]
+    return text
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The three texts of an honest measurement, never mixed."""
+
+    calib: str  # calibration windows
+    validation: str  # every choice: search validation, kernel/border, defaults, recipe settings
+    test: str  # reporting only
+    description: str
+
+
+def protocol(data_dir: str | Path | None = None) -> Protocol | None:
+    """WikiText-2 split as the project measures: calibration = valid[:0.75], validation =
+    valid[0.75:], test = test. None when the files are not found."""
+    d = Path(data_dir) if data_dir else default_data_dir()
+    if d is None:
+        return None
+    valid, test = d / "wikitext2" / "wiki.valid.tokens.txt", d / "wikitext2" / "wiki.test.raw.txt"
+    if not (valid.is_file() and test.is_file()):
+        return None
+    f = CALIB_FRACTION
+    return Protocol(
+        calib=f"{valid}[:{f}]",
+        validation=f"{valid}[{f}:]",
+        test=str(test),
+        description=(
+            f"WikiText-2 from {d / 'wikitext2'}: calibration = first {f:.0%} of valid, "
+            f"validation = last {1 - f:.0%} of valid, test = test (reporting only)"
+        ),
+    )
+
+
+class TextSourceError(ValueError):
+    """A text source is unusable: empty, too short, a bad slice, a missing column."""
+
+
+class TestTextError(ValueError):
+    """A tuning command was pointed at the test text."""
+
+    __test__ = False  # not a pytest class
+
+
+def refuse_test_text(source: str, what: str, allow: bool = False) -> None:
+    """Tuning on the test text makes every reported number worthless: refuse it.
+
+    A source counts as test text when its file name (or hub split) says 'test'. ``allow``
+    turns the refusal into a loud warning, for a deliberate, labelled report.
+    """
+    src, _, _ = split_source(source)
+    name = Path(src).name.lower()
+    if "test" not in re.split(r"[^a-z0-9]+", name) and not name.startswith("test"):
+        return
+    msg = (
+        f"{what} {source!r} looks like the test text; choices must be made on validation text "
+        "(e.g. wiki.valid.tokens.txt[0.75:]) and the test text used only for reporting"
+    )
+    if not allow:
+        raise TestTextError(msg + "; pass --allow-test-text to do it anyway")
+    logger.warning("TUNING ON TEST TEXT: " + msg)
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+_FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".md", ".raw", ".tokens", ".arrow")
 
 
 def _load_dataset(source: str, split: str):
     import datasets
 
     p = Path(source)
+    if not p.exists() and (not _HUB_NAME.match(source) or source.lower().endswith(_FILE_SUFFIXES)):
+        raise FileNotFoundError(
+            f"text source {source!r}: no such file or directory (hub datasets are named 'owner/name' or 'name:config')"
+        )
     if p.is_dir():
         try:
             ds = datasets.load_from_disk(str(p))
@@ -71,20 +194,26 @@ def calibration_dataset(source: str, tokenizer, num_samples: int, seqlen: int, s
     """
     from datasets import Dataset
 
-    if not Path(source).is_file():
-        text = read_text(source, split="train")
-    else:
-        text = Path(source).read_text(encoding="utf-8")
+    text = read_text(source, split="train")
     if not text.strip():
-        raise ValueError(f"calibration source {source!r} is empty")
+        raise TextSourceError(f"calibration source {source!r} is empty")
     ids = tokenizer(text, return_tensors=None, add_special_tokens=False)["input_ids"]
     if len(ids) <= seqlen:
-        raise ValueError(
+        raise TextSourceError(
             f"calibration source {source!r} has {len(ids)} tokens, fewer than --seqlen {seqlen}; "
             "give more text or a shorter --seqlen"
         )
     rng = random.Random(seed)
     starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(num_samples)]
+    distinct = len(ids) // seqlen
+    if distinct < num_samples:
+        logger.warning(
+            f"calibration source {source!r} holds {len(ids)} tokens: only about {distinct} non-overlapping windows "
+            f"of {seqlen} for the {num_samples} requested; windows will overlap"
+        )
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < seqlen:
+        logger.warning(f"--seqlen {seqlen} is beyond the tokenizer's model_max_length {limit}")
     rows = [ids[s : s + seqlen] for s in starts]
     logger.info(f"calibration: {num_samples} x {seqlen} tokens from {source} ({len(ids)} tokens)")
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seqlen for _ in rows]})

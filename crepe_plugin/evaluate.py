@@ -11,14 +11,37 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["perplexity", "perplexity_of_ids", "load_model"]
+__all__ = ["perplexity", "perplexity_of_ids", "load_model", "EvalError"]
+
+
+class EvalError(ValueError):
+    """The evaluation cannot give a trustworthy number."""
 
 
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"):
-    """Load a dense, pruned or compressed-tensors checkpoint (decompressed) for eval."""
+    """Load a dense, pruned or compressed-tensors checkpoint (decompressed) for eval.
+
+    A checkpoint whose weights do not all load is refused: transformers would fill the gaps
+    with freshly initialised weights and the perplexity would look plausible."""
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    p = Path(path)
+    if p.exists() and not (p / "config.json").is_file():
+        raise EvalError(f"{path} is not a model directory (no config.json)")
+    from safetensors import SafetensorError
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated or corrupt safetensors, bad config
+        raise EvalError(f"{path}: cannot load the checkpoint: {' '.join(str(e).split())[:300]}") from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise EvalError(
+            f"{path}: {len(missing)} weights are missing from the checkpoint (first: '{missing[0]}'); "
+            "they would be evaluated freshly initialised"
+        )
     model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok
@@ -26,6 +49,10 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
 
 @torch.no_grad()
 def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_segments: int | None = None, progress=True) -> float:
+    if seqlen < 2:
+        raise EvalError(f"seqlen must be at least 2 (one prediction needs two tokens), got {seqlen}")
+    if max_segments is not None and max_segments < 1:
+        raise EvalError(f"max_segments must be at least 1, got {max_segments}")
     ids = ids.reshape(-1)
     nseg = ids.numel() // seqlen
     if max_segments:
@@ -39,7 +66,10 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_segments: int |
         logits = model(batch).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:])
         nll_sum += loss.item() * seqlen
-    return math.exp(nll_sum / (nseg * seqlen))
+    ppl = math.exp(nll_sum / (nseg * seqlen))
+    if not math.isfinite(ppl):
+        raise EvalError(f"perplexity is {ppl}: the model produced non-finite logits (NaN or Inf weights?)")
+    return ppl
 
 
 def perplexity(model, tokenizer, text: str, seqlen: int = 1024, max_segments: int | None = None, progress=True) -> float:

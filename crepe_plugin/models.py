@@ -61,18 +61,9 @@ def _rebuild(gguf: Path, out: Path, bos: bool = False) -> Path:
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if bos:
-        # Gemma is trained with <bos> first. Saved as a plain tokenizers file: the GGUF-built
-        # GemmaTokenizer does not survive save/load (it comes back character-level).
-        from tokenizers.processors import TemplateProcessing
-        from transformers import PreTrainedTokenizerFast
-
-        backend = tok.backend_tokenizer
-        backend.post_processor = TemplateProcessing(
-            single=f"{tok.bos_token} $A", pair=f"{tok.bos_token} $A $B", special_tokens=[(tok.bos_token, tok.bos_token_id)]
-        )
-        tok = PreTrainedTokenizerFast(
-            tokenizer_object=backend, bos_token=tok.bos_token, eos_token=tok.eos_token, unk_token=tok.unk_token, pad_token=tok.pad_token
-        )
+        # transformers' GGUF path builds Gemma's BPE with no merges, which splits words far
+        # too finely; rebuild the SentencePiece BPE from the GGUF's vocabulary and scores.
+        tok = spm_bpe_tokenizer(gguf)
     cfg = src.config.to_dict()
     for k in ("quantization_config", "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"):
         cfg.pop(k, None)
@@ -95,6 +86,71 @@ def _rebuild(gguf: Path, out: Path, bos: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info(f"{out.name} saved to {out}")
     return out
+
+
+def _gguf_vocab(gguf: Path) -> tuple[list[str], list[float], list[int], dict[str, int]]:
+    """(pieces, scores, types, special ids) of a GGUF's SentencePiece vocabulary."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(gguf))
+    f = r.fields
+
+    def arr(key):
+        return [f[key].parts[i] for i in f[key].data]
+
+    pieces = [bytes(x).decode("utf-8") for x in arr("tokenizer.ggml.tokens")]
+    scores = [float(x[0]) for x in arr("tokenizer.ggml.scores")]
+    types = [int(x[0]) for x in arr("tokenizer.ggml.token_type")]
+    special = {
+        k: int(f[f"tokenizer.ggml.{k}_token_id"].parts[-1][0])
+        for k in ("bos", "eos", "unknown", "padding")
+        if f"tokenizer.ggml.{k}_token_id" in f
+    }
+    return pieces, scores, types, special
+
+
+def spm_bpe_merges(pieces: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """The BPE merges equivalent to a SentencePiece BPE vocabulary.
+
+    SentencePiece's BPE repeatedly joins the adjacent pair whose joined piece has the highest
+    score. A merge list ordered by the joined piece's score does the same in ``tokenizers``:
+    every split of every normal piece into two normal pieces, best joined score first.
+    """
+    normal = {p: i for i, (p, t) in enumerate(zip(pieces, types)) if t == 1}
+    merges = []
+    for piece, i in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                merges.append((-scores[i], i, normal[left], normal[right], left, right))
+    merges.sort()
+    return [(m[4], m[5]) for m in merges]
+
+
+def spm_bpe_tokenizer(gguf: Path):
+    """A fast tokenizer for a GGUF that holds a SentencePiece BPE model (Gemma 3): byte
+    fallback, spaces as '▁', no dummy prefix, <bos> first, control pieces special and
+    user-defined pieces (newline and space runs, HTML tags) matched whole."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    pieces, scores, types, special = _gguf_vocab(gguf)
+    vocab = {p: i for i, p in enumerate(pieces)}
+    unk = pieces[special.get("unknown", 3)]
+    bpe = models.BPE(vocab=vocab, merges=spm_bpe_merges(pieces, scores, types), unk_token=unk,
+                     fuse_unk=True, byte_fallback=True)  # fmt: skip
+    t = Tokenizer(bpe)
+    t.normalizer = normalizers.Replace(" ", "▁")
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    t.add_special_tokens([AddedToken(p, special=True, normalized=False) for p, ty in zip(pieces, types) if ty == 3])
+    t.add_tokens([AddedToken(p, special=False, normalized=False) for p, ty in zip(pieces, types) if ty == 4])
+    bos, eos = pieces[special["bos"]], pieces[special["eos"]]
+    t.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, special["bos"])]
+    )
+    pad = pieces[special["padding"]] if "padding" in special else None
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad)
 
 
 def gemma3_path(cache: Path | None = None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -18,18 +19,75 @@ class RecipeError(ValueError):
     """The recipe is unusable."""
 
 
-def load_recipe(recipe):
-    """Parse a recipe (path, YAML string, Recipe or modifiers) and refuse one with no modifier.
+_STAGE_KEY = re.compile(r".+_stage(_\d+)?$")
 
-    llm-compressor silently ignores keys not named ``*_stage`` / ``*_modifiers`` and would
-    then save the unpruned model.
+
+def check_recipe_dict(obj, where: str) -> None:
+    """Refuse what llm-compressor would silently drop or misread.
+
+    It reads only top-level keys ending in '_stage' (and 'args'), and inside a stage only
+    groups ending in '_modifiers'; anything else is ignored, so one misspelled key drops a
+    whole stage. An unquoted ``mask_structure: 2:4`` is read by YAML as the number 124.
     """
+    if obj is None or (isinstance(obj, (dict, list, str)) and not obj):
+        raise RecipeError(f"recipe {where} is empty")
+    if not isinstance(obj, dict):
+        raise RecipeError(f"recipe {where}: expected a mapping of '<name>_stage:' keys, got {type(obj).__name__}")
+    for key, stage in obj.items():
+        if key == "args":
+            continue
+        if not _STAGE_KEY.match(str(key)):
+            raise RecipeError(
+                f"recipe {where}: top-level key '{key}' does not end in '_stage'; llm-compressor would "
+                "silently ignore it (e.g. sparsity_stage:)"
+            )
+        if not isinstance(stage, dict):
+            raise RecipeError(f"recipe {where}: stage '{key}' must be a mapping of '<name>_modifiers:' groups")
+        for group, mods in stage.items():
+            if not str(group).endswith("_modifiers"):
+                raise RecipeError(
+                    f"recipe {where}: key '{key}.{group}' does not end in '_modifiers'; llm-compressor "
+                    "would silently ignore it (e.g. sparsity_modifiers:)"
+                )
+            if not isinstance(mods, dict) or not mods:
+                raise RecipeError(f"recipe {where}: group '{key}.{group}' holds no modifier")
+            for name, args in mods.items():
+                ms = (args or {}).get("mask_structure") if isinstance(args, dict) else None
+                if isinstance(ms, (int, float)):
+                    raise RecipeError(
+                        f"recipe {where}: {name}.mask_structure was read as the number {ms}: YAML reads an "
+                        'unquoted 2:4 as a base-60 number; quote it: mask_structure: "2:4"'
+                    )
+
+
+def load_recipe(recipe):
+    """Parse a recipe (path, YAML string, Recipe or modifiers) and refuse one with no modifier,
+    or with keys llm-compressor would silently ignore (``check_recipe_dict``)."""
     import crepe_plugin  # noqa: F401  registers our modifiers
+    import yaml
     from llmcompressor.recipe import Recipe
 
-    if isinstance(recipe, (str, Path)) and not Path(recipe).is_file() and "\n" not in str(recipe):
-        raise RecipeError(f"recipe {recipe!r}: no such file")
-    r = Recipe.create_instance(str(recipe) if isinstance(recipe, Path) else recipe)
+    if isinstance(recipe, (str, Path)):
+        text_given = "\n" in str(recipe) or (isinstance(recipe, str) and str(recipe).lstrip().startswith("{"))
+        if not text_given and not Path(recipe).is_file():
+            raise RecipeError(f"recipe {str(recipe)!r}: no such file")
+        where = "(inline)" if text_given else str(recipe)
+        text = str(recipe) if text_given else Path(recipe).read_text(encoding="utf-8")
+        try:
+            obj = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {where} is not valid YAML: {' '.join(str(e).split())}") from None
+        check_recipe_dict(obj, where)
+    try:
+        r = Recipe.create_instance(str(recipe) if isinstance(recipe, Path) else recipe)
+    except ValueError as e:
+        msg = " ".join(str(e).split())
+        if "No modifier" in msg or "not found" in msg.lower() or "registered" in msg.lower():
+            from llmcompressor.modifiers import ModifierFactory
+
+            names = sorted(ModifierFactory._registered_registry)
+            raise RecipeError(f"recipe {recipe!s:.200}: {msg}; registered out-of-tree modifiers: {', '.join(names)}") from None
+        raise
     if not r.modifiers:
         raise RecipeError(
             f"recipe {recipe!s:.200} yields no modifier: llm-compressor only reads top-level keys "
@@ -106,6 +164,8 @@ def prune(
 
     r = load_recipe(recipe)
     model = resolve_model(model)
+    if Path(model).exists() and not (Path(model) / "config.json").is_file():
+        raise RecipeError(f"{model} is not a model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(model)
     ds = calibration_dataset(calib, tok, num_samples, seqlen, seed)
     with atomic_output(out, overwrite) as tmp:
@@ -122,8 +182,10 @@ def prune(
         )
         seconds = time.perf_counter() - t0
         (tmp / INCOMPLETE_MARKER).unlink()  # written in full; now it must verify
-        report = verify_checkpoint(tmp)
+        report = verify_checkpoint(tmp, require_record=True)
         if not report.ok:
-            raise RuntimeError("saved checkpoint failed verification: " + "; ".join(report.errors))
+            from .core.errors import PruningError
+
+            raise PruningError("the saved checkpoint failed verification, so it was not kept: " + "; ".join(report.errors))
     logger.info(f"saved {out} in {seconds:.1f}s ({len(report.layers)} layers verified)")
     return {"out": str(Path(out).resolve()), "seconds": seconds, "record": report.record}

@@ -9,12 +9,57 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 RECORD_KEY = "crepe_sparsity"
 RECORD_FORMAT = 1
 
-__all__ = ["RECORD_KEY", "RECORD_FORMAT", "new_record", "merge_record", "read_record"]
+__all__ = ["RECORD_KEY", "RECORD_FORMAT", "Record", "ModuleRecord", "new_record", "merge_record", "read_record", "parse_record"]
+
+
+class ModuleRecord(BaseModel):
+    """One pruned module: its structure, measured sparsity and stored weight layout."""
+
+    model_config = ConfigDict(extra="allow")
+    structure: str
+    sparsity: float | None = Field(None, ge=0.0, le=1.0)
+    layout: Literal["out_in", "in_out"] = "out_in"  # in_out: transformers' Conv1D
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        from .core.masks import parse_structure
+
+        parse_structure(v)
+        return v
+
+
+class Record(BaseModel):
+    """The ``crepe_sparsity`` record, read as pure data (never executed, never trusted)."""
+
+    model_config = ConfigDict(extra="allow")
+    format: int | None = None
+    method: str | None = None
+    structure: str | None = None
+    modules: dict[str, ModuleRecord] = Field(default_factory=dict)
+
+
+def parse_record(data: Any) -> Record:
+    """Validate a record; raises ValueError with a one-line reason."""
+    from pydantic import ValidationError
+
+    if not isinstance(data, dict):
+        raise ValueError(f"the {RECORD_KEY} record must be a JSON object, got {type(data).__name__}")
+    try:
+        return Record.model_validate(data)
+    except (ValidationError, ValueError, RecursionError) as e:
+        if isinstance(e, ValidationError):
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err.get("loc", ()))
+            raise ValueError(f"the {RECORD_KEY} record is malformed at '{where}': {err['msg']}") from None
+        raise ValueError(f"the {RECORD_KEY} record is malformed: {' '.join(str(e).split())[:200]}") from None
 
 
 def _version() -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_llama", "save_tiny_llama"]
+__all__ = ["tiny_tokenizer", "tiny_llama", "save_tiny_llama", "save_tiny_gpt2"]
 
 _ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:'\"!?-()\n@=")
 
@@ -67,6 +67,24 @@ def tiny_llama(
 def save_tiny_llama(path: str | Path, **kwargs) -> Path:
     path = Path(path)
     model = tiny_llama(**kwargs)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_tiny_gpt2(path: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, vocab: int = 128, seed: int = 0) -> Path:
+    """A tiny GPT-2 (transformers Conv1D layers, stored (in, out); attn.c_proj is square)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512,
+                     bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(torch.exp(torch.randn_like(p) * 0.5))
+    path = Path(path)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

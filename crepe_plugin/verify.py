@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from .core.masks import parse_structure
-from .record import RECORD_KEY
+from .record import RECORD_KEY, parse_record
 
 __all__ = ["LayerReport", "VerifyReport", "CheckpointError", "verify_checkpoint", "unpack_int4"]
 
@@ -23,6 +23,9 @@ _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }  # fmt: skip
+
+
+_OTHER_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64"}  # safetensors knows them
 
 
 class CheckpointError(RuntimeError):
@@ -77,15 +80,26 @@ def _check_file(path: Path) -> dict:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise CheckpointError(f"{path.name}: unreadable header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: the header is not a JSON object")
     end = 0
     for k, v in header.items():
         if k == "__metadata__":
             continue
-        start, stop = v["data_offsets"]
+        try:
+            start, stop = (int(x) for x in v["data_offsets"])
+            shape = [int(d) for d in v["shape"]]
+            dtype = str(v["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: tensor {k!r} has a malformed header entry (dtype, shape, data_offsets)") from None
+        if dtype not in _DTYPE_BYTES and dtype not in _OTHER_DTYPES:
+            raise CheckpointError(f"{path.name}: tensor {k!r} has an unknown dtype {dtype!r} in its header")
+        if not (0 <= start <= stop) or any(d < 0 for d in shape):
+            raise CheckpointError(f"{path.name}: tensor {k!r} has invalid offsets or shape in its header")
         numel = 1
-        for d in v["shape"]:
+        for d in shape:
             numel *= d
-        if stop - start != numel * _DTYPE_BYTES.get(v["dtype"], 0) and v["dtype"] in _DTYPE_BYTES:
+        if dtype in _DTYPE_BYTES and stop - start != numel * _DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{path.name}: tensor {k} has inconsistent size in its header")
         end = max(end, stop)
     if 8 + n + end != size:
@@ -123,12 +137,15 @@ def _nm_violations(zero: torch.Tensor, n: int, m: int) -> int:
     return int((zero.reshape(zero.shape[0], -1, m).sum(-1) < n).sum())
 
 
-def verify_checkpoint(path: str | Path, structure: str | None = None) -> VerifyReport:
+def verify_checkpoint(path: str | Path, structure: str | None = None, require_record: bool = False) -> VerifyReport:
     """Inspect every 2-D weight of a saved checkpoint.
 
     Layers recorded in config.json's ``crepe_sparsity`` record are checked against their
-    recorded structure and make the report fail if they break it. Other layers are
-    reported against ``structure`` (default 2:4) for information.
+    recorded structure (N:M; unstructured: the recorded sparsity) and must hold finite
+    weights, or the report fails. Other layers are reported against ``structure`` (default
+    2:4) for information. ``require_record``: a checkpoint without recorded layers fails.
+    Raises CheckpointError when the checkpoint is unreadable, incomplete or its record
+    malformed (``crepe verify`` exits 2).
     """
     path = Path(path)
     if not path.is_dir():
@@ -140,14 +157,31 @@ def verify_checkpoint(path: str | Path, structure: str | None = None) -> VerifyR
         raise CheckpointError(f"{path}: no config.json; not a model directory (or an interrupted save)")
     try:
         config = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
     record = config.get(RECORD_KEY)
-    recorded = {k: v["structure"] for k, v in (record or {}).get("modules", {}).items()}
+    parsed = None
+    if record is not None:
+        try:
+            parsed = parse_record(record)
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_path}: {e}") from None
+    mods = parsed.modules if parsed else {}
+    recorded = {k: v.structure for k, v in mods.items()}
+    in_out = {k for k, v in mods.items() if v.layout == "in_out"}
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not a mapping of tensor names to file names")
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: malformed shard index ({' '.join(str(e).split())[:200]})") from None
+        if any("/" in f or f.startswith("..") for f in weight_map.values()):
+            raise CheckpointError(f"{index}: shard names must be plain file names in the checkpoint directory")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -170,7 +204,10 @@ def verify_checkpoint(path: str | Path, structure: str | None = None) -> VerifyR
             raise CheckpointError(f"{path}: {len(absent)} tensors listed in the index are missing, e.g. {absent[0]}")
 
     report = VerifyReport(path=path, record=record, check_structure=parse_structure(structure or "2:4"))
-    handles = {f: safe_open(str(path / f), framework="pt") for f in files}
+    try:
+        handles = {f: safe_open(str(path / f), framework="pt") for f in files}
+    except Exception as e:  # noqa: BLE001 - safetensors' own reader refused a file
+        raise CheckpointError(f"{path}: cannot open the weights ({' '.join(str(e).split())[:200]})") from None
 
     def get(k):
         f = keys.get(k)
@@ -182,9 +219,16 @@ def verify_checkpoint(path: str | Path, structure: str | None = None) -> VerifyR
     )
     seen = set()
     for name in names:
-        fmt, zero = _zero_mask(get, name, keys)
+        try:
+            fmt, zero = _zero_mask(get, name, keys)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any unreadable tensor is a broken checkpoint
+            raise CheckpointError(f"{path}: layer '{name}': cannot read its weight ({' '.join(str(e).split())[:200]})") from None
         if zero is None:
             continue
+        if name in in_out:  # transformers' Conv1D stores (in, out): N:M runs along its first dim
+            zero = zero.t()
         seen.add(name)
         rec = recorded.get(name)
         want = parse_structure(rec) if rec else report.check_structure
@@ -196,15 +240,33 @@ def verify_checkpoint(path: str | Path, structure: str | None = None) -> VerifyR
         if rec and want[0] and not nm_ok:
             why = "its input dimension is not divisible by M" if viol == -1 else f"{viol} groups violate it"
             report.errors.append(f"layer '{name}' is recorded as {rec} but {why}")
-    for name in recorded:
-        if name not in seen:
-            report.errors.append(f"layer '{name}' is in the record but has no weight in the checkpoint")
+        if rec and fmt == "dense":
+            w = get(f"{name}.weight")
+            if not bool(torch.isfinite(w).all()):
+                report.errors.append(f"layer '{name}' holds {int((~torch.isfinite(w)).sum())} NaN/Inf weights")
+        if rec and not want[0] and mods[name].sparsity is not None:
+            measured = float(zero.float().mean())
+            if abs(measured - mods[name].sparsity) > 1e-3:
+                report.errors.append(
+                    f"layer '{name}' is recorded with sparsity {mods[name].sparsity:.4f} but has {measured:.4f}"
+                )
+    absent = [name for name in recorded if name not in seen]
+    if absent:
+        raise CheckpointError(
+            f"{path}: {len(absent)} layers in the record have no weight in the checkpoint (first: '{absent[0]}')"
+        )
+    if require_record and not recorded:
+        report.errors.append(
+            f"no {RECORD_KEY} record" + (" modules" if parsed else "") + " in config.json: nothing says which layers are N:M"
+        )
     return report
 
 
 def _zero_mask(get, name: str, keys) -> tuple[str, torch.Tensor | None]:
     """(format, bool tensor of pruned positions) for a 2-D weight, or (fmt, None) to skip."""
     if f"{name}.weight_packed" in keys:
+        if f"{name}.weight_shape" not in keys:
+            raise CheckpointError(f"layer '{name}': packed INT4 weight without its weight_shape tensor")
         shape = tuple(int(x) for x in get(f"{name}.weight_shape").tolist())
         q = unpack_int4(get(f"{name}.weight_packed"), shape)
         zp = _zero_point(get, name, q)

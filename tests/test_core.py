@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from crepe_plugin import CRePEConfig, crepe_scores, is_nm, prune_mask
+from crepe_plugin import RIA_CONFIG, CRePEConfig, crepe_scores, is_nm, prune_mask
 from crepe_plugin.core import (
     CalibrationError,
     InputNormStats,
@@ -77,7 +77,7 @@ def _layer(rows=64, cols=128, seed=0):
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4), (3, 4)])
 def test_ria_nm_equals_reference(shape, nm):
     W, s = _layer(*shape, seed=shape[0] + nm[1])
-    ours = prune_mask(crepe_scores(W, s, CRePEConfig()), structure=f"{nm[0]}:{nm[1]}")
+    ours = prune_mask(crepe_scores(W, s, RIA_CONFIG), structure=f"{nm[0]}:{nm[1]}")
     assert torch.equal(ours, ria_reference(W, s, prune_n=nm[0], prune_m=nm[1]))
     assert int(ours.sum()) == W.numel() * nm[0] // nm[1]
 
@@ -85,21 +85,21 @@ def test_ria_nm_equals_reference(shape, nm):
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
 def test_ria_unstructured_matrix_equals_reference(sparsity):
     W, s = _layer(80, 96, seed=3)
-    ours = prune_mask(crepe_scores(W, s), sparsity, "0:0", "matrix")
+    ours = prune_mask(crepe_scores(W, s, RIA_CONFIG), sparsity, "0:0", "matrix")
     assert torch.equal(ours, ria_reference(W, s, sparsity=sparsity))
 
 
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.6])
 def test_ria_unstructured_row_equals_reference(sparsity):
     W, s = _layer(40, 100, seed=5)
-    ours = prune_mask(crepe_scores(W, s), sparsity, "0:0", "row")
+    ours = prune_mask(crepe_scores(W, s, RIA_CONFIG), sparsity, "0:0", "row")
     assert torch.equal(ours, ria_reference(W, s, sparsity=sparsity, per_outneuron=True))
 
 
 def test_ria_scores_bit_exact():
     W, s = _layer(50, 72, seed=9)
     ref = (W.abs() / W.abs().sum(0) + W.abs() / W.abs().sum(1, keepdim=True)) * torch.sqrt(s) ** 0.5
-    assert torch.equal(crepe_scores(W, s, CRePEConfig()), ref)
+    assert torch.equal(crepe_scores(W, s, RIA_CONFIG), ref)
 
 
 def test_act_exponent_matches_ria_a():
@@ -108,8 +108,8 @@ def test_act_exponent_matches_ria_a():
     assert torch.equal(ours, ria_reference(W, s, a=1.0, prune_n=2, prune_m=4))
 
 
-def test_defaults_are_ria():
-    cfg = CRePEConfig()
+def test_ria_config_is_ria():
+    cfg = RIA_CONFIG
     assert cfg.is_ria and cfg.neighbor_coef == 0.0 and cfg.act_exponent == 0.5
 
 
@@ -119,7 +119,7 @@ def test_coefficients_change_mask_and_row_term_alone():
     only_row = crepe_scores(W, s, CRePEConfig(col_coef=0.0))
     expected = W.abs() / W.abs().sum(1, keepdim=True) * torch.sqrt(s) ** 0.5
     torch.testing.assert_close(only_row, expected)
-    assert not torch.equal(prune_mask(only_row), prune_mask(crepe_scores(W, s)))
+    assert not torch.equal(prune_mask(only_row), prune_mask(crepe_scores(W, s, RIA_CONFIG)))
 
 
 @pytest.mark.parametrize("kernel", ["box", "gaussian"])

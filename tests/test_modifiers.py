@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 import crepe_plugin  # noqa: F401  (registers the modifiers)
-from crepe_plugin import CRePEConfig, crepe_scores, is_nm, prune_mask
+from crepe_plugin import RIA_CONFIG, CRePEConfig, CRePEPruningModifier, RIAPruningModifier, crepe_scores, is_nm, prune_mask
 from crepe_plugin.core import InputNormStats, LayerShapeError, NonFiniteError, PruningError
 from crepe_plugin.record import RECORD_KEY, read_record
 from crepe_plugin.testing import tiny_llama, tiny_tokenizer
@@ -100,7 +100,7 @@ def test_ria_modifier_mask_equals_core_on_first_layer():
         for row in calib_dataset(8):
             model(**tok(row["text"], return_tensors="pt", truncation=True, max_length=128))
     h.remove()
-    expected = w0.masked_fill(prune_mask(crepe_scores(w0, stats.value(), CRePEConfig()), structure="2:4"), 0)
+    expected = w0.masked_fill(prune_mask(crepe_scores(w0, stats.value(), RIA_CONFIG), structure="2:4"), 0)
     _run(model, _recipe("    RIAPruningModifier:\n      mask_structure: '2:4'\n"))
     assert torch.equal(q.weight.detach(), expected)
 
@@ -226,3 +226,40 @@ def test_reconstruct_recipe_keeps_2of4_and_lowers_layer_error(tmp_path, tiny_mod
 def test_reconstruct_validation():
     with pytest.raises(ValidationError, match="dampening_frac"):
         Recipe.create_instance(_recipe("    CRePEPruningModifier:\n      mask_structure: '2:4'\n      reconstruct: true\n      dampening_frac: 0\n"))
+
+
+@pytest.mark.parametrize("structure,extra", [("2:4", ""), ("0:0", "      sparsity: 0.5\n      scope: row\n")])
+def test_adaptive_mask_selection_through_oneshot(tmp_path, tiny_model_dir, structure, extra):
+    body = (
+        f"    CRePEPruningModifier:\n      mask_structure: '{structure}'\n{extra}"
+        "      reconstruct: true\n      mask_selection: adaptive\n      block_size: 32\n"
+    )
+    out = tmp_path / "a"
+    _run(str(tiny_model_dir), _recipe(body), out)
+    rec = read_record(out)
+    assert rec["config"]["mask_selection"] == "adaptive" and rec["config"]["reconstruct"] is True
+    weights = load_file(out / "model.safetensors")
+    for name in rec["modules"]:
+        w = weights[name + ".weight"]
+        if structure == "2:4":
+            assert is_nm(w, 2, 4), name
+        else:  # row scope: every row keeps exactly half of its inputs
+            assert torch.equal((w == 0).sum(1), torch.full((w.shape[0],), w.shape[1] // 2)), name
+
+
+def test_adaptive_mask_selection_needs_reconstruction():
+    with pytest.raises(ValidationError, match="reconstruct: true"):
+        Recipe.create_instance(_recipe("    CRePEPruningModifier:\n      mask_structure: '2:4'\n      mask_selection: adaptive\n"))
+
+
+def test_defaults_are_the_searched_ones_per_structure():
+    from crepe_plugin.core import CREPE_DEFAULTS
+
+    nm = CRePEPruningModifier(mask_structure="2:4")
+    assert nm.crepe_config == CRePEConfig(**CREPE_DEFAULTS["nm"]) and not nm.crepe_config.is_ria
+    un = CRePEPruningModifier(mask_structure="0:0", sparsity=0.5)
+    expected = {k: v for k, v in CREPE_DEFAULTS["unstructured"].items() if k != "scope"}
+    assert un.crepe_config == CRePEConfig(**expected) and un.scope == CREPE_DEFAULTS["unstructured"]["scope"]
+    assert CRePEPruningModifier(mask_structure="2:4", row_coef=1.25).row_coef == 1.25  # a recipe value wins
+    assert RIAPruningModifier(mask_structure="2:4").crepe_config == RIA_CONFIG
+    assert RIAPruningModifier(mask_structure="0:0", sparsity=0.5).scope == "matrix"

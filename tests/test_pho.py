@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crepe_plugin.core import CRePEConfig, CalibrationError, crepe_scores, is_nm, prune_mask
+from crepe_plugin.core import RIA_CONFIG, CRePEConfig, CalibrationError, crepe_scores, is_nm, prune_mask
 from crepe_plugin.core.proxies import diag_output_error, gini, layer_proxy, output_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_search_starts_at_ria_never_reruns_the_model_and_beats_or_ties_ria(tiny)
     finally:
         hook.remove()
     assert calls == []  # no trial ran the model: statistics are cached
-    ria = ev.proxy(CRePEConfig(), "recon")
+    ria = ev.proxy(RIA_CONFIG, "recon")
     assert res["value"] <= ria
     assert res["trials"] == 10
     space = SearchSpace()
@@ -183,7 +183,7 @@ def test_ppl_baseline_hill_climbs(tiny):
     ev = Evaluator(model, mods, stats, "2:4", 0.5, sampled=sampled, ppl_batches=_batches(2, seed=5))
     res = run_search(ev, SearchConfig(proxy="ppl", trials=6), progress=False)
     assert res["sampler"] == "hillclimb"
-    assert res["value"] <= ev.calib_ppl(CRePEConfig()) + 1e-9
+    assert res["value"] <= ev.calib_ppl(RIA_CONFIG) + 1e-9
 
 
 def test_search_config_validation():
@@ -278,3 +278,18 @@ def test_cli_search_two_processes_one_storage_then_report(tmp_path, tiny_model_d
     rep = (out / "report.md").read_text()
     assert "| recon |" in rep and "Spearman" in rep and "ppl baseline" in rep
     assert (out / "scatter.png").is_file()
+
+
+def test_a_study_of_other_inputs_is_refused_not_resumed(tiny, tmp_path):
+    from crepe_plugin.core.errors import PruningError
+
+    model, mods, sampled, stats = tiny
+    ev = Evaluator(model, mods, stats, "2:4", 0.5, sampled=sampled)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = SearchConfig(proxy="diag", trials=3, storage=url, study_name="x")
+    run_search(ev, cfg, identity={"model": "a", "seed": 0}, progress=False)
+    run_search(ev, cfg.model_copy(update={"trials": 4}), identity={"model": "a", "seed": 0}, progress=False)  # resumes
+    with pytest.raises(PruningError, match="other inputs"):
+        run_search(ev, cfg.model_copy(update={"trials": 5}), identity={"model": "a", "seed": 1}, progress=False)
+    with pytest.raises(PruningError, match="other inputs"):
+        run_search(ev, cfg.model_copy(update={"trials": 5}), {"kernel": "gaussian"}, identity={"model": "a", "seed": 0}, progress=False)

@@ -41,7 +41,16 @@ def test_smollm2_perplexity_on_wikitext_is_sane(smollm2):
     assert math.isfinite(ppl) and 5 < ppl < 80
 
 
-def test_demo_finds_local_wikitext():
+def test_demo_calibrates_on_valid_and_reports_on_test():
     calib, test, desc = demo_data(str(SHARED_DATA))
-    assert calib.endswith("wiki.valid.tokens.txt") and test.endswith("wiki.test.raw.txt")
+    assert calib.endswith("wiki.valid.tokens.txt[:0.75]") and test.endswith("wiki.test.raw.txt")
     assert "WikiText-2" in desc and str(SHARED_DATA) in desc
+
+
+def test_demo_recipes_exist_and_parse():
+    from crepe_plugin.demo import DEMO_ROWS, ROOT
+    from crepe_plugin.pipeline import load_recipe
+
+    for _, recipe, _ in DEMO_ROWS:
+        r = load_recipe(recipe if "\n" in recipe else ROOT / "recipes" / recipe)
+        assert len(r.modifiers) == 1

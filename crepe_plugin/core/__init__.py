@@ -1,11 +1,18 @@
 """Framework-free pruning math: scores, masks, statistics. Imports torch and pydantic only."""
 
-from .compensation import HessianStats, compensate_fixed_mask, inverse_hessian_factor, refine_fixed_mask
-from .config import RIA_CONFIG, CRePEConfig
+from .compensation import (
+    HessianStats,
+    compensate_adaptive_nm,
+    compensate_adaptive_unstructured,
+    compensate_fixed_mask,
+    inverse_hessian_factor,
+    refine_fixed_mask,
+)
+from .config import CREPE_DEFAULTS, RIA_CONFIG, CRePEConfig, crepe_defaults
 from .errors import CalibrationError, LayerShapeError, NonFiniteError, PruningError
-from .layers import is_conv1d, weight_out_in
+from .layers import from_stored_layout, is_conv1d, to_stored_layout, weight_out_in
 from .masks import is_nm, nm_mask, nm_violations, parse_structure, prune_mask, unstructured_mask
-from .scores import crepe_scores, neighborhood, relative_importance
+from .scores import crepe_saliency, crepe_scores, neighborhood, relative_importance
 from .stats import InputMomentStats, InputNormStats
 from .allocation import outlier_ratio, owl_sparsities, wanda_importance
 from .dsnot import dsnot_refine, expected_error
@@ -13,6 +20,8 @@ from .dsnot import dsnot_refine, expected_error
 __all__ = [
     "CRePEConfig",
     "RIA_CONFIG",
+    "CREPE_DEFAULTS",
+    "crepe_defaults",
     "PruningError",
     "LayerShapeError",
     "NonFiniteError",
@@ -35,8 +44,13 @@ __all__ = [
     "expected_error",
     "HessianStats",
     "compensate_fixed_mask",
+    "compensate_adaptive_nm",
+    "compensate_adaptive_unstructured",
+    "crepe_saliency",
     "inverse_hessian_factor",
     "refine_fixed_mask",
     "is_conv1d",
     "weight_out_in",
+    "to_stored_layout",
+    "from_stored_layout",
 ]

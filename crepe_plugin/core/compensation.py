@@ -14,7 +14,7 @@ import torch
 
 from .errors import CalibrationError, NonFiniteError, _where
 
-__all__ = ["HessianStats", "inverse_hessian_factor", "compensate_fixed_mask", "refine_fixed_mask"]
+__all__ = ["HessianStats", "inverse_hessian_factor", "compensate_fixed_mask", "compensate_adaptive_nm", "compensate_adaptive_unstructured", "refine_fixed_mask", "Saliency"]
 
 
 class HessianStats:
@@ -94,11 +94,76 @@ def compensate_fixed_mask(
     order (GPTQ); its rounding error is compensated the same way.
     Vectorised over rows; sequential over columns within a block, as OBS requires.
     """
+    return _obs_sweep(weight, H, mask, None, dampening_frac, block_size, quantize, layer_name)[0]
+
+
+Saliency = Callable[[torch.Tensor, slice, torch.Tensor], torch.Tensor]
+"""saliency(current weights of an M-group (rows, M), its input columns, 1 / U_jj (M,)) -> scores
+(rows, M); higher is kept."""
+
+
+def compensate_adaptive_nm(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    n: int,
+    m: int,
+    saliency: Saliency,
+    dampening_frac: float = 0.01,
+    block_size: int = 128,
+    layer_name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N:M pruning with the mask chosen inside the OBS sweep (as SparseGPT does): each group
+    of M inputs is masked when the sweep reaches it, from ``saliency`` of the weights as
+    updated by the compensation of the groups before it. Returns (W', mask)."""
+    if weight.shape[1] % m:
+        raise CalibrationError(f"{_where(layer_name)}: input dimension {weight.shape[1]} is not divisible by M={m}")
+    block_size = max(m, block_size - block_size % m)
+    return _obs_sweep(weight, H, None, ("nm", n, m, saliency), dampening_frac, block_size, None, layer_name)
+
+
+def compensate_adaptive_unstructured(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    saliency: Saliency,
+    scope: str = "matrix",
+    dampening_frac: float = 0.01,
+    block_size: int = 128,
+    layer_name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unstructured pruning with the mask of each block of ``block_size`` inputs chosen when
+    the OBS sweep reaches it (as SparseGPT does): ``scope`` 'matrix' prunes the lowest
+    ``sparsity`` of the block's saliencies, 'row' the lowest ``sparsity`` of each row's.
+    Returns (W', mask)."""
+    if scope not in ("matrix", "row"):
+        raise ValueError(f"scope must be 'matrix' or 'row', got {scope!r}")
+    return _obs_sweep(weight, H, None, (scope, sparsity, None, saliency), dampening_frac, block_size, None, layer_name)
+
+
+def _block_mask(sc: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
+    """True = pruned: the lowest ``sparsity`` of the block (matrix) or of each row (row)."""
+    if scope == "row":
+        k = int(sc.shape[1] * sparsity)
+        mask = torch.zeros_like(sc, dtype=torch.bool)
+        if k:
+            mask.scatter_(1, torch.sort(sc, dim=1, stable=True).indices[:, :k], True)
+        return mask
+    if sparsity <= 0.0:
+        return torch.zeros_like(sc, dtype=torch.bool)
+    # as SparseGPT's code (and RIA's): threshold at the (k+1)-th smallest, k = int(numel * sparsity)
+    return sc <= torch.kthvalue(sc.reshape(-1), int(sc.numel() * sparsity) + 1).values
+
+
+def _obs_sweep(weight, H, mask, adaptive, dampening_frac, block_size, quantize, layer_name):
     W = weight.detach().to(torch.float32).clone()
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise CalibrationError(f"{_where(layer_name)}: Hessian {tuple(H.shape)} does not match {cols} inputs")
     U = inverse_hessian_factor(H.to(W.device, torch.float32), dampening_frac, layer_name)
+    if adaptive is not None:
+        kind, n, m, saliency = adaptive
+        mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+        inv_d = 1.0 / torch.diagonal(U)
     keep = ~mask  # dead inputs keep their weights: they cost nothing on calibration data
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -106,7 +171,15 @@ def compensate_fixed_mask(
         U1 = U[i1:i2, i1:i2]
         K1 = keep[:, i1:i2]
         Err1 = torch.zeros_like(W1)
+        if adaptive is not None and kind != "nm":  # unstructured: the whole block at its start
+            K1.copy_(~_block_mask(saliency(W1, slice(i1, i2), inv_d[i1:i2]), n, kind))
         for i in range(i2 - i1):
+            if adaptive is not None and kind == "nm" and i % m == 0:
+                cols_g = slice(i1 + i, i1 + i + m)
+                sc = saliency(W1[:, i : i + m], cols_g, inv_d[cols_g])
+                pruned = torch.topk(sc, n, dim=1, largest=False).indices
+                K1[:, i : i + m] = True
+                K1[:, i : i + m].scatter_(1, pruned, False)
             w = W1[:, i]
             q = w * K1[:, i]
             if quantize is not None:
@@ -118,10 +191,11 @@ def compensate_fixed_mask(
         W[:, i1:i2] = W1
         if i2 < cols:
             W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+    mask = ~keep
     W.masked_fill_(mask, 0.0)
     if not bool(torch.isfinite(W).all()):
         raise NonFiniteError(f"{_where(layer_name)}: reconstruction produced non-finite weights")
-    return W
+    return W, mask
 
 
 def refine_fixed_mask(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["CRePEConfig", "RIA_CONFIG", "Coef", "KernelSize", "KernelName", "Border", "NeighborMap"]
+__all__ = ["CRePEConfig", "RIA_CONFIG", "CREPE_DEFAULTS", "crepe_defaults", "Coef", "KernelSize", "KernelName", "Border", "NeighborMap"]
 
 
 def _finite(v: float) -> float:
@@ -63,6 +63,15 @@ class CRePEConfig(BaseModel):
         ),
     )
 
+    @model_validator(mode="after")
+    def _not_degenerate(self) -> "CRePEConfig":
+        if self.row_coef == 0.0 and self.col_coef == 0.0:
+            raise ValueError(
+                "row_coef and col_coef are both 0: every score would be 0 and the mask would ignore the "
+                "weights; give at least one of them a positive value"
+            )
+        return self
+
     @property
     def is_ria(self) -> bool:
         return (
@@ -73,4 +82,29 @@ class CRePEConfig(BaseModel):
         )
 
 
-RIA_CONFIG = CRePEConfig()
+RIA_CONFIG = CRePEConfig(
+    row_coef=1.0, col_coef=1.0, neighbor_coef=0.0, kernel_size=3, kernel="box", act_exponent=0.5, border="mean", neighbor_map="ri"
+)
+"""RIA's point: with these values the score is RIA's bit for bit (RIAPruningModifier)."""
+
+
+# CRePEPruningModifier's defaults, one set per kind of structure. Chosen by
+# benchmarks/tune_defaults.py on SmolLM2-135M and Gemma 3 270M together, by validation
+# perplexity (never the test text): docs/method.md, "Defaults".
+CREPE_DEFAULTS: dict[str, dict] = {
+    # 2:4 validation perplexity, every layer pruned from dense statistics: SmolLM2 113.34 and
+    # Gemma 237.94, against RIA's 123.93 and 292.74 (benchmarks/results/tune_defaults_2of4.jsonl)
+    "nm": dict(
+        row_coef=2.513921, col_coef=2.002273, neighbor_coef=0.203327, kernel_size=3, kernel="gaussian",
+        act_exponent=0.855673, border="zero", neighbor_map="ri",
+    ),  # fmt: skip
+    "unstructured": dict(RIA_CONFIG.model_dump(), scope="matrix"),
+}
+
+
+def crepe_defaults(structure: str) -> dict:
+    """The default coefficients (and, unstructured, the scope) for 'N:M' or '0:0'."""
+    from .masks import parse_structure
+
+    n, _ = parse_structure(structure)
+    return dict(CREPE_DEFAULTS["nm" if n else "unstructured"])

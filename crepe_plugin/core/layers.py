@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["is_conv1d", "weight_out_in"]
+__all__ = ["is_conv1d", "weight_out_in", "to_stored_layout", "from_stored_layout"]
 
 
 def is_conv1d(module: torch.nn.Module) -> bool:
@@ -16,3 +16,14 @@ def weight_out_in(module: torch.nn.Module) -> torch.Tensor:
     """The module's weight laid out (out, in), a view where possible."""
     w = module.weight
     return w.t() if is_conv1d(module) else w
+
+
+def to_stored_layout(module: torch.nn.Module, w_out_in: torch.Tensor) -> torch.Tensor:
+    """An (out, in) weight in the layout ``module`` stores: transposed exactly when the module
+    is a Conv1D (never by comparing shapes, which cannot tell a square Conv1D apart)."""
+    return w_out_in.t() if is_conv1d(module) else w_out_in
+
+
+def from_stored_layout(module: torch.nn.Module, stored: torch.Tensor) -> torch.Tensor:
+    """A weight read in ``module``'s stored layout (e.g. from its checkpoint), as (out, in)."""
+    return stored.t() if is_conv1d(module) else stored

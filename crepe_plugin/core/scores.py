@@ -11,7 +11,7 @@ import torch
 from .config import CRePEConfig
 from .errors import CalibrationError, NonFiniteError, _where
 
-__all__ = ["crepe_scores", "relative_importance", "neighborhood", "window_kernel_1d", "check_finite"]
+__all__ = ["crepe_scores", "crepe_saliency", "relative_importance", "neighborhood", "window_kernel_1d", "check_finite"]
 
 
 def check_finite(t: torch.Tensor, what: str, layer: str | None = None) -> None:
@@ -188,3 +188,36 @@ def crepe_scores(
     return ri if act is None else ri.mul_(act)
 
 
+
+
+def crepe_saliency(weight: torch.Tensor, config: CRePEConfig | None = None, *, layer_name: str | None = None):
+    """CRePE's score for a mask chosen inside the OBS sweep (``compensate_adaptive_nm``).
+
+    For the group of inputs ``cols`` with current (compensated) weights ``w``:
+    (col_coef |w| / colsum + row_coef |w| / rowsum + neighbor_coef N_k(RI)) * (1 / U_jj) ** a,
+    the sums and the neighbourhood map taken from the original weights. 1 / U_jj (U: upper
+    Cholesky factor of H^-1) is OBS's input scale; for a diagonal H it is sqrt(H_jj), which is
+    ||X_j|| up to a constant, so the factor plays the role of ||X_j|| ** a. With row 1, col 0,
+    no neighbourhood and a = 1 the ranking is SparseGPT's (w^2 / U_jj^2).
+    """
+    config = config or CRePEConfig()
+    w_abs = weight.detach().to(torch.float32).abs()
+    if not bool(torch.isfinite(w_abs.sum(dim=0)).all()):
+        check_finite(weight, "weight", layer_name)
+    colsum = _safe_den(w_abs.sum(dim=0))
+    rowsum = _safe_den(w_abs.sum(dim=1, keepdim=True))
+    nb = None
+    if config.neighbor_coef != 0.0:
+        ri = relative_importance(w_abs.clone(), config.row_coef, config.col_coef)
+        nb = neighborhood(ri, config.kernel_size, config.kernel, config.border).mul_(config.neighbor_coef)
+    del w_abs
+    c, r, a = config.col_coef, config.row_coef, config.act_exponent
+
+    def saliency(w: torch.Tensor, cols: slice, inv_d: torch.Tensor) -> torch.Tensor:
+        wa = w.abs()
+        sc = wa * (c / colsum[cols]) + wa * (r / rowsum)
+        if nb is not None:
+            sc = sc + nb[:, cols]
+        return sc * inv_d.pow(a) if a != 0.0 else sc
+
+    return saliency

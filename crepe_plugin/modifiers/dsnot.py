@@ -30,7 +30,18 @@ from pydantic import Field, PrivateAttr
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 
-from ..core import CalibrationError, InputMomentStats, PruningError, dsnot_refine, expected_error, is_nm, parse_structure, weight_out_in
+from ..core import (
+    CalibrationError,
+    InputMomentStats,
+    PruningError,
+    dsnot_refine,
+    expected_error,
+    from_stored_layout,
+    is_nm,
+    parse_structure,
+    to_stored_layout,
+    weight_out_in,
+)
 
 __all__ = ["DSnoTModifier", "DenseSource"]
 
@@ -152,9 +163,7 @@ class DSnoTModifier(Modifier):
             stats = self._stats.pop(module)
             with torch.no_grad(), align_module_device(module):
                 cur = weight_out_in(module).detach()
-                dense = self._source.weight(name).to(cur.device, cur.dtype)
-                if dense.shape != cur.shape:
-                    dense = dense.t()
+                dense = from_stored_layout(module, self._source.weight(name)).to(cur.device, cur.dtype)
                 mask = cur == 0
                 if not torch.equal(cur[~mask], dense[~mask]):
                     raise PruningError(
@@ -175,9 +184,7 @@ class DSnoTModifier(Modifier):
                 )  # fmt: skip
                 after = expected_error(dense, new, mean).abs().mean()
                 w = dense.masked_fill(new, 0).to(cur.dtype)
-                if w.shape != module.weight.shape:
-                    w = w.t()
-                update_offload_parameter(module, "weight", w.contiguous())
+                update_offload_parameter(module, "weight", to_stored_layout(module, w).contiguous())
             changed = float((new != mask).float().mean())
             self._done[name] = changed
             logger.info(f"DSnoT {name}: mean |expected error| {before:.4g} -> {after:.4g}, {changed:.2%} of positions swapped")

@@ -25,16 +25,23 @@ from llmcompressor.modifiers import Modifier
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 from ..core import (
+    RIA_CONFIG,
     CRePEConfig,
+    crepe_defaults,
     HessianStats,
+    compensate_adaptive_nm,
+    compensate_adaptive_unstructured,
     compensate_fixed_mask,
+    crepe_saliency,
     refine_fixed_mask,
     InputNormStats,
     LayerShapeError,
     PruningError,
     crepe_scores,
     parse_structure,
+    is_conv1d,
     prune_mask,
+    to_stored_layout,
     weight_out_in,
 )
 from ..core.config import Border, Coef, KernelName, KernelSize, NeighborMap
@@ -96,6 +103,11 @@ class CRePEPruningModifier(Modifier):
     :param reconstruct: after the mask is fixed, update the kept weights to minimise the
         layer's output error on the calibration inputs (OBS / SparseGPT-style, blockwise,
         pruned positions stay exactly zero). Costs one fp32 Hessian (in x in) per layer.
+    :param mask_selection: with ``reconstruct``: "fixed" chooses the whole mask from the
+        scores first, then updates the kept weights; "adaptive" (N:M only) chooses each group
+        of M inputs inside the OBS sweep, from CRePE's score of the weights as compensated so
+        far (as SparseGPT chooses its mask; unstructured: each block of ``block_size`` inputs at
+        its start), then refines on that mask. See docs/method.md.
     :param dampening_frac: Hessian dampening, as a fraction of its mean diagonal.
     :param block_size: columns per block of the reconstruction.
     :param refine_steps: conjugate-gradient steps after OBS towards the exact fixed-mask
@@ -112,7 +124,7 @@ class CRePEPruningModifier(Modifier):
     sparsity: SparsityArg = None
     mask_structure: str = "0:0"
     scope: Literal["matrix", "row"] = "matrix"
-    targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
+    targets: str | list[str] = Field(default_factory=lambda: ["Linear", "Conv1D"])
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
 
     row_coef: Coef = 1.0
@@ -125,6 +137,7 @@ class CRePEPruningModifier(Modifier):
     neighbor_map: NeighborMap = "ri"
 
     reconstruct: bool = False
+    mask_selection: Literal["fixed", "adaptive"] = "fixed"
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1)
     refine_steps: int = Field(20, ge=0, le=1000)
@@ -139,6 +152,22 @@ class CRePEPruningModifier(Modifier):
     _search_result: dict[str, Any] | None = PrivateAttr(default=None)
 
     # ---------------------------------------------------------------- validation
+    @classmethod
+    def _default_coefficients(cls, structure: str) -> dict:
+        """Values for the coefficient fields (and unstructured scope) a recipe leaves out."""
+        return crepe_defaults(structure)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        try:
+            defaults = cls._default_coefficients(str(data.get("mask_structure", "0:0")))
+        except PruningError:
+            return data  # the structure's own validator reports it
+        return {**{k: v for k, v in defaults.items() if k in cls.model_fields}, **data}
+
     @field_validator("mask_structure", mode="before")
     @classmethod
     def _valid_structure(cls, v: Any) -> str:
@@ -194,6 +223,14 @@ class CRePEPruningModifier(Modifier):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _valid_mask_selection(self) -> "CRePEPruningModifier":
+        self.crepe_config  # noqa: B018  refuses a degenerate score (row_coef = col_coef = 0) at parse time
+        if self.mask_selection == "adaptive":
+            if not self.reconstruct:
+                raise ValueError("mask_selection 'adaptive' chooses the mask during reconstruction; set reconstruct: true")
+        return self
+
     @property
     def crepe_config(self) -> CRePEConfig:
         return CRePEConfig(**{k: getattr(self, k) for k in CRePEConfig.model_fields})
@@ -235,7 +272,7 @@ class CRePEPruningModifier(Modifier):
         if not modules:
             raise PruningError(
                 f"{type(self).__name__}: targets {self.targets} (ignore {self.ignore}) match no "
-                "Linear layer in the model"
+                "Linear layer in the model (GPT-2-style models use transformers' Conv1D: target 'Conv1D')"
             )
         sparsities = self._resolve_sparsities(model, modules, kwargs.get("sequential_targets"))
         n, m = parse_structure(self.mask_structure)
@@ -318,8 +355,8 @@ class CRePEPruningModifier(Modifier):
                     "scope": self.scope,
                     "reconstruct": self.reconstruct,
                     **(
-                        {"dampening_frac": self.dampening_frac, "block_size": self.block_size,
-                         "refine_steps": self.refine_steps}
+                        {"mask_selection": self.mask_selection, "dampening_frac": self.dampening_frac,
+                         "block_size": self.block_size, "refine_steps": self.refine_steps}
                         if self.reconstruct
                         else {}
                     ),
@@ -399,14 +436,27 @@ class CRePEPruningModifier(Modifier):
             sparsity = self._sparsities[module]
             with torch.no_grad(), align_module_device(module):
                 w = weight_out_in(module).detach()
-                s = stats.input_sq_norm() if self.reconstruct else stats.value(name)
-                scores = crepe_scores(w, s, cfg, layer_name=name)
-                mask = prune_mask(scores, sparsity, self.mask_structure, self.scope, layer_name=name)
-                del scores
+                if self.mask_selection == "adaptive":
+                    nn_, mm_ = parse_structure(self.mask_structure)
+                    sal = crepe_saliency(w, cfg, layer_name=name)
+                    if nn_:
+                        pruned, mask = compensate_adaptive_nm(
+                            w, stats.H, nn_, mm_, sal, self.dampening_frac, self.block_size, layer_name=name
+                        )
+                    else:
+                        pruned, mask = compensate_adaptive_unstructured(
+                            w, stats.H, sparsity, sal, self.scope, self.dampening_frac, self.block_size, layer_name=name
+                        )
+                else:
+                    s = stats.input_sq_norm() if self.reconstruct else stats.value(name)
+                    scores = crepe_scores(w, s, cfg, layer_name=name)
+                    mask = prune_mask(scores, sparsity, self.mask_structure, self.scope, layer_name=name)
+                    del scores
                 if self.reconstruct:
-                    pruned = compensate_fixed_mask(
-                        w, stats.H, mask, self.dampening_frac, self.block_size, layer_name=name
-                    )
+                    if self.mask_selection == "fixed":
+                        pruned = compensate_fixed_mask(
+                            w, stats.H, mask, self.dampening_frac, self.block_size, layer_name=name
+                        )
                     if self.refine_steps:
                         pruned = refine_fixed_mask(
                             w, pruned, stats.H, mask, self.refine_steps, self.dampening_frac, name
@@ -414,14 +464,13 @@ class CRePEPruningModifier(Modifier):
                     pruned = pruned.to(w.dtype)
                 else:
                     pruned = w.masked_fill(mask, 0)
-                if pruned.shape != module.weight.shape:
-                    pruned = pruned.t()
-                update_offload_parameter(module, "weight", pruned.contiguous())
+                update_offload_parameter(module, "weight", to_stored_layout(module, pruned).contiguous())
             density = 1.0 - float(mask.float().mean())
             logger.info(f"{name}: pruned with {stats.num_samples} samples, density {density:.4f}")
             self._pruned[name] = {
                 "structure": self.mask_structure if n else "0:0",
                 "sparsity": round(1.0 - density, 6),
+                **({"layout": "in_out"} if is_conv1d(module) else {}),  # verify checks N:M along the inputs
             }
 
 
@@ -438,6 +487,10 @@ class RIAPruningModifier(CRePEPruningModifier):
     """
 
     method_name: ClassVar[str] = "ria"
+
+    @classmethod
+    def _default_coefficients(cls, structure: str) -> dict:
+        return {**RIA_CONFIG.model_dump(), "scope": "matrix"}  # RIA's point, whatever CRePE's defaults are
 
     @model_validator(mode="after")
     def _ria_only(self) -> "RIAPruningModifier":

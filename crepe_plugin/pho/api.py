@@ -146,9 +146,10 @@ def search(
     meta = _stats_meta(model, calib, num_samples, seqlen, seed, cfg.layers)
     ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope)
     t0 = time.perf_counter()
-    result = run_search(ev, cfg, {**FIXED_DEFAULT, **(fixed or {})})
+    result = run_search(ev, cfg, {**FIXED_DEFAULT, **(fixed or {})}, identity=meta)
     result.update(info, search_seconds=time.perf_counter() - t0, structure=structure, sparsity=sparsity,
-                  model=str(model), calib=str(calib), num_samples=num_samples, seqlen=seqlen)  # fmt: skip
+                  model=str(model), calib=str(calib), num_samples=num_samples, seqlen=seqlen, seed=seed,
+                  scope=scope)  # fmt: skip
     if out is not None:
         (out / f"best_{cfg.proxy}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"recipe_{cfg.proxy}.yaml").write_text(recipe_yaml(result, structure, sparsity))

@@ -74,9 +74,10 @@ def validate(
     if (out / STATS_FILE).is_file():  # score the proxies on the layers the search sampled
         layers = CalibStats.load(out / STATS_FILE).meta.get("layers", "6")
         cfg = SearchConfig(layers="all" if layers == "all" else int(layers))
-    model, tok, batches = load_session(st["model"], st["calib"], st["num_samples"], st["seqlen"], 0)
-    meta = _stats_meta(st["model"], st["calib"], st["num_samples"], st["seqlen"], 0, cfg.layers)
-    ev, _ = build_evaluator(model, batches, out, st["structure"], st["sparsity"], cfg, meta)
+    seed = st.get("seed", 0)  # the search's own calibration windows
+    model, tok, batches = load_session(st["model"], st["calib"], st["num_samples"], st["seqlen"], seed)
+    meta = _stats_meta(st["model"], st["calib"], st["num_samples"], st["seqlen"], seed, cfg.layers)
+    ev, _ = build_evaluator(model, batches, out, st["structure"], st["sparsity"], cfg, meta, st.get("scope", "matrix"))
     ids = tok(read_text(eval_text), return_tensors="pt").input_ids
 
     points = [("ria", RIA_PARAMS)]
@@ -116,7 +117,7 @@ def validate(
         with path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         done.add(key)
-        logger.info(f"validation {kind}: held-out ppl {row['heldout_ppl']:.2f}, recon {row['recon']:.4g}")
+        logger.info(f"validation {kind}: held-out ppl {row['heldout_ppl']:.2f}, " + ", ".join(f"{n} {row[n]:.4g}" for n in proxies))
     write_report(out)
     return out / "report.md"
 

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 from loguru import logger
 
-from ..core import CRePEConfig, crepe_scores, prune_mask, weight_out_in
+from ..core import CRePEConfig, crepe_scores, prune_mask, to_stored_layout, weight_out_in
 from ..core.proxies import layer_proxy, output_energy, output_error_terms
 from .calib import CalibStats
 from .config import SEARCHED, SearchConfig, SearchSpace
@@ -135,7 +135,7 @@ class Evaluator:
                     w, _, _, mask = self._mask(name, cfg)
                     saved[name] = mod.weight.data
                     pruned = w.masked_fill(mask, 0)
-                    mod.weight.data = pruned.t().contiguous() if pruned.shape != mod.weight.shape else pruned
+                    mod.weight.data = to_stored_layout(mod, pruned).contiguous()
             yield self.model
         finally:
             for name, data in saved.items():
@@ -201,15 +201,27 @@ def default_study_name(structure: str, sparsity, proxy: str) -> str:
     return f"crepe-{structure.replace(':', 'of')}-{sp}-{proxy}"
 
 
+def study_identity(inputs: dict[str, Any]) -> str:
+    """A short hash of everything that decides a trial's value (model, calibration, sample
+    count, sequence length, seed, layer sample, structure, bounds, fixed choices)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run_search(
     evaluator: Evaluator,
     cfg: SearchConfig,
     fixed: dict[str, Any] | None = None,
     progress: bool = True,
+    identity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the study until it holds ``cfg.trials`` finished trials.
+    """Run (or resume) the study until it holds ``cfg.trials`` completed trials.
 
     ``fixed``: CRePEConfig fields not searched (kernel, border, neighbor_map).
+    ``identity``: what the trials were measured on; a stored study of other inputs is refused
+    rather than resumed (its trials would not be comparable).
     Returns {"params", "config", "value", "proxy", "study_name", "trials", "trial_seconds"}.
     """
     import optuna
@@ -221,6 +233,21 @@ def run_search(
     study = optuna.create_study(
         study_name=name, storage=cfg.storage, direction="minimize", sampler=_sampler(cfg, space), load_if_exists=True
     )
+    ident = study_identity({
+        **(identity or {}), "proxy": cfg.proxy, "structure": evaluator.structure, "scope": evaluator.scope,
+        "sparsity": evaluator.sparsity if isinstance(evaluator.sparsity, float) else "map",
+        "bounds": cfg.bounds.model_dump(), "fixed": fixed, "layers": cfg.layers,
+    })  # fmt: skip
+    stored = study.user_attrs.get("identity")
+    if stored is not None and stored != ident and study.get_trials(deepcopy=False):
+        from ..core.errors import PruningError
+
+        raise PruningError(
+            f"PHO study '{name}' in {cfg.storage or 'memory'} was measured on other inputs (model, calibration, "
+            "samples, seqlen, seed, layers, structure, bounds or kernel choices differ); resuming would mix "
+            "incomparable trials. Use another --out or --study, or delete the study to start afresh"
+        )
+    study.set_user_attr("identity", ident)
     study.set_user_attr("proxy", cfg.proxy)
     study.set_user_attr("structure", evaluator.structure)
     study.set_user_attr("sparsity", evaluator.sparsity if isinstance(evaluator.sparsity, float) else "map")
@@ -229,7 +256,12 @@ def run_search(
         study.enqueue_trial({k: v for k, v in _clip_ria(space).items() if k in space_dims(space)}, user_attrs={"ria": True})
 
     def objective(trial):
-        c = suggest_config(trial, space, fixed)
+        from pydantic import ValidationError
+
+        try:
+            c = suggest_config(trial, space, fixed)
+        except ValidationError as e:  # e.g. row_coef = col_coef = 0: no score at all
+            raise optuna.TrialPruned(" ".join(str(e).split())) from None
         t0 = time.perf_counter()
         v = evaluator.proxy(c, cfg.proxy)
         trial.set_user_attr("seconds", time.perf_counter() - t0)
@@ -238,14 +270,21 @@ def run_search(
             raise optuna.TrialPruned(f"non-finite proxy {v}")
         return v
 
-    def finished() -> int:
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-        return sum(1 for t in study.get_trials(deepcopy=False) if t.state in states)
+    def finished() -> int:  # failed or interrupted trials do not count
+        return sum(1 for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.trials, initial=min(finished(), cfg.trials), desc=f"PHO ({cfg.proxy})", disable=not progress)
     while finished() < cfg.trials:
+        others = len(study.get_trials(deepcopy=False)) - finished()
+        if others > max(20, cfg.trials):
+            from ..core.errors import PruningError
+
+            raise PruningError(
+                f"PHO study '{name}': {others} trials failed or were pruned (non-finite proxy or invalid point) "
+                f"and only {finished()} completed; check the bounds and the calibration data"
+            )
         if cfg.sampler_name == "hillclimb":
             study.enqueue_trial(_hillclimb_params(study, space, cfg.seed))
         study.optimize(objective, n_trials=1)
