@@ -44,6 +44,12 @@ DEFAULT_ORDER = [
 
 
 def recipe_for(method: str, structure: str) -> str:
+    if method.startswith("recipe="):  # any recipe file, by path or name under recipes/ or benchmarks/recipes/
+        name = method[len("recipe="):]
+        for cand in (Path(name), ROOT / "recipes" / name, ROOT / "benchmarks" / "recipes" / name):
+            if cand.is_file():
+                return cand.read_text()
+        raise SystemExit(f"error: recipe {name!r} not found")
     if method == "best":
         return (ROOT / "recipes" / BEST[structure]).read_text()
     mod = METHODS[method]
@@ -73,7 +79,7 @@ def run_one(a) -> dict:
                 if isinstance(m, torch.nn.Linear) and "lm_head" not in name:
                     m.weight.masked_fill_(prune_mask(m.weight.abs(), 0.5, a.structure, "row"), 0)
         seconds = time.perf_counter() - t0
-    elif a.method != "dense":
+    elif a.method != "dense":  # llm-compressor's, ours, or any recipe file
         from llmcompressor import oneshot
 
         ds = calibration_dataset(a.calib, tok, a.num_samples, a.seqlen)
@@ -132,8 +138,9 @@ def main():
     if not a.table_only:
         results.parent.mkdir(parents=True, exist_ok=True)
         order = DEFAULT_ORDER
-        if a.only:
-            order = [(x.split(":", 1)[0], x.split(":", 1)[1]) for x in a.only.split(",")]
+        if a.only:  # method:structure; a method may be recipe=FILE
+            order = [(x.rsplit(":", 2)[0], ":".join(x.rsplit(":", 2)[1:])) if x.count(":") >= 2 else (x.split(":", 1)[0], x.split(":", 1)[1])
+                     for x in a.only.split(",")]  # fmt: skip
         for method, structure in order:
             cmd = [sys.executable, __file__, "--method", method, "--structure", structure]
             for k in ("model", "calib", "eval", "num_samples", "seqlen", "eval_seqlen", "max_segments", "val"):

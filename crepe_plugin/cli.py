@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--structure", default="2:4", help="N:M, or 0:0 for unstructured (then give --sparsity)")
     se.add_argument("--sparsity", type=float, default=None)
     se.add_argument("--scope", default="matrix", choices=["matrix", "row"], help="unstructured only")
+    se.add_argument("--ignore", nargs="+", default=["lm_head"],
+                    help="layers left out: name suffixes or 're:' regexes (default: lm_head)")  # fmt: skip
     se.add_argument("--trials", type=int, default=60, help="finished trials the study should hold (resumes)")
     se.add_argument("--proxy", default="energy", choices=["recon", "energy", "diag", "gini", "ppl"])
     se.add_argument("--sampler", default=None, choices=["cmaes", "hillclimb", "random"])
@@ -263,7 +265,8 @@ def _run(args) -> int:
         argv += ["--no-plugin"] if args.no_plugin else []
         return check_main(argv)
     if args.cmd == "search":
-        from .pho import SearchConfig, SearchSpace, search
+        from .pho.api import search
+        from .pho.config import SearchConfig, SearchSpace
 
         if args.layers != "all" and (not args.layers.isdigit() or int(args.layers) < 1):
             raise UsageError(f"--layers must be a positive integer or 'all', got {args.layers!r}")
@@ -285,13 +288,13 @@ def _run(args) -> int:
             bounds=SearchSpace(**bounds) if args.bounds else SearchSpace(),
         )
         res = search(args.model, args.calib, args.structure, args.sparsity, cfg, args.out, args.num_samples, args.seqlen,
-                     args.seed, scope=args.scope)  # fmt: skip
+                     args.seed, scope=args.scope, ignore=tuple(args.ignore))  # fmt: skip
         print(json.dumps({k: res[k] for k in ("proxy", "value", "params", "trials", "trial_seconds", "study_name")}))
         print(f"wrote {args.out}/best_{args.proxy}.json, {args.out}/recipe_{args.proxy}.yaml and {args.out}/report.md")
         return 0
     if args.cmd == "search-validate":
         from .data import protocol, refuse_test_text
-        from .pho import validate
+        from .pho.report import validate
 
         text = args.eval
         if text is None:

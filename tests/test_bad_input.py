@@ -191,3 +191,65 @@ def test_gpt2_conv1d_layers_are_pruned_along_their_inputs(tmp_path, calib_file):
             w.mul_((pruned_sd[name + ".weight"] != 0).to(w.dtype))
         ids = tiny_tokenizer()("the tower is tall", return_tensors="pt").input_ids
         torch.testing.assert_close(pruned(ids).logits, dense(ids).logits)
+
+
+# ---------------------------------------------------------------- output directories
+def test_stale_incomplete_temporaries_are_removed(tmp_path):
+    from crepe_plugin.pipeline import INCOMPLETE_MARKER, atomic_output
+
+    out = tmp_path / "ckpt"
+    stale = tmp_path / ".ckpt.tmp-99999"
+    stale.mkdir()
+    (stale / INCOMPLETE_MARKER).write_text("x")
+    with atomic_output(out) as tmp:
+        (tmp / "f").write_text("new")
+    assert (out / "f").read_text() == "new" and not stale.exists()
+    assert not list(tmp_path.glob(".ckpt.*"))
+
+
+def test_crash_between_the_two_renames_keeps_a_checkpoint(tmp_path):
+    from crepe_plugin.pipeline import atomic_output
+
+    out = tmp_path / "ckpt"
+    # what a run killed after moving the old checkpoint aside, before moving the new one in, leaves
+    old = tmp_path / ".ckpt.old-99999"
+    old.mkdir()
+    (old / "f").write_text("old")
+    new = tmp_path / ".ckpt.tmp-99999"
+    new.mkdir()
+    (new / "f").write_text("new, complete")
+    atomic_output(out, overwrite=True)  # the next run starts by recovering
+    assert (out / "f").read_text() == "old" and not old.exists()
+
+
+def test_sigterm_leaves_no_output(tmp_path, tiny_model_dir, calib_file):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "crepe_plugin.cli", "prune", str(tiny_model_dir), "--recipe",
+                          str(ROOT / "recipes" / "crepe_2of4_reconstruct.yaml"), "--calib", str(calib_file), "--out",
+                          str(out), "--num-samples", "64", "--seqlen", "128"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "interrupted" in err.strip().splitlines()[-1]
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_search_ignores_a_layer_not_divisible_by_m(tmp_path, calib_file, capsys):
+    """A layer whose input width is not divisible by M: search names it and says to ignore it;
+    --ignore then lets the search run."""
+    from crepe_plugin.testing import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "odd", hidden=64, intermediate=126)  # down_proj has 126 inputs
+    argv = ["search", str(model), "--calib", str(calib_file), "--trials", "2", "--layers", "1", "--num-samples", "2",
+            "--seqlen", "32", "--proxy", "diag"]  # fmt: skip
+    assert main(argv + ["--out", str(tmp_path / "s1")]) == 2
+    _one_error(capsys, "down_proj")
+    assert main(argv + ["--out", str(tmp_path / "s2"), "--ignore", "lm_head", "re:.*down_proj"]) == 0

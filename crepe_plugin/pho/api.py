@@ -57,9 +57,10 @@ def build_evaluator(
     cfg: SearchConfig,
     meta: dict,
     scope: str = "matrix",
+    ignore: tuple[str, ...] = ("lm_head",),
 ) -> tuple[Evaluator, dict]:
     """Evaluator with statistics from ``out_dir``'s cache when its metadata matches."""
-    modules = target_modules(model)
+    modules = target_modules(model, ignore)
     sampled = sample_layer_names(modules, cfg.layers)
     info: dict[str, Any] = {}
     stats = None
@@ -129,8 +130,12 @@ def search(
     seed: int = 0,
     fixed: dict | None = None,
     scope: str = "matrix",
+    ignore: tuple[str, ...] = ("lm_head",),
 ) -> dict:
-    """Run PHO (resuming the stored study if any) and write its outputs into ``out_dir``."""
+    """Run PHO (resuming the stored study if any) and write its outputs into ``out_dir``.
+
+    ``ignore``: layers left out (name suffixes or 're:' regexes), e.g. a layer whose input
+    width is not divisible by M."""
     cfg = config or SearchConfig()
     n, m = parse_structure(structure)
     if sparsity is None:
@@ -144,12 +149,14 @@ def search(
             cfg = cfg.model_copy(update={"storage": f"sqlite:///{(out / 'pho.db').resolve()}"})
     mdl, _tok, batches = load_session(model, calib, num_samples, seqlen, seed)
     meta = _stats_meta(model, calib, num_samples, seqlen, seed, cfg.layers)
-    ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope)
+    if tuple(ignore) != ("lm_head",):
+        meta["ignore"] = list(ignore)
+    ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope, tuple(ignore))
     t0 = time.perf_counter()
     result = run_search(ev, cfg, {**FIXED_DEFAULT, **(fixed or {})}, identity=meta)
     result.update(info, search_seconds=time.perf_counter() - t0, structure=structure, sparsity=sparsity,
                   model=str(model), calib=str(calib), num_samples=num_samples, seqlen=seqlen, seed=seed,
-                  scope=scope)  # fmt: skip
+                  scope=scope, ignore=list(ignore))  # fmt: skip
     if out is not None:
         (out / f"best_{cfg.proxy}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / f"recipe_{cfg.proxy}.yaml").write_text(recipe_yaml(result, structure, sparsity))

@@ -28,12 +28,18 @@ _LAYER_IDX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def target_modules(model: torch.nn.Module, ignore: Iterable[str] = ("lm_head",)) -> dict[str, torch.nn.Module]:
-    """Every Linear / Conv1D except those whose name ends with an ``ignore`` entry."""
-    ign = tuple(ignore)
+    """Every Linear / Conv1D except those matched by an ``ignore`` entry: a name suffix, or
+    're:' and a regular expression (as llm-compressor's ignore lists)."""
+    suffixes = tuple(i for i in ignore if not i.startswith("re:"))
+    patterns = [re.compile(i[3:]) for i in ignore if i.startswith("re:")]
+
+    def ignored(n: str) -> bool:
+        return (bool(suffixes) and n.endswith(suffixes)) or any(p.match(n) for p in patterns)
+
     return {
         n: m
         for n, m in model.named_modules()
-        if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and not n.endswith(ign)
+        if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and not ignored(n)
     }
 
 

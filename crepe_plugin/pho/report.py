@@ -77,7 +77,10 @@ def validate(
     seed = st.get("seed", 0)  # the search's own calibration windows
     model, tok, batches = load_session(st["model"], st["calib"], st["num_samples"], st["seqlen"], seed)
     meta = _stats_meta(st["model"], st["calib"], st["num_samples"], st["seqlen"], seed, cfg.layers)
-    ev, _ = build_evaluator(model, batches, out, st["structure"], st["sparsity"], cfg, meta, st.get("scope", "matrix"))
+    ignore = tuple(st.get("ignore", ("lm_head",)))
+    if ignore != ("lm_head",):
+        meta["ignore"] = list(ignore)
+    ev, _ = build_evaluator(model, batches, out, st["structure"], st["sparsity"], cfg, meta, st.get("scope", "matrix"), ignore)
     ids = tok(read_text(eval_text), return_tensors="pt").input_ids
 
     points = [("ria", RIA_PARAMS)]

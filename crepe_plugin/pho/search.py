@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import torch
 from loguru import logger
 
-from ..core import CRePEConfig, crepe_scores, prune_mask, to_stored_layout, weight_out_in
+from ..core import CRePEConfig, LayerShapeError, crepe_scores, parse_structure, prune_mask, to_stored_layout, weight_out_in
 from ..core.proxies import layer_proxy, output_energy, output_error_terms
 from .calib import CalibStats
 from .config import SEARCHED, SearchConfig, SearchSpace
@@ -92,6 +92,15 @@ class Evaluator:
         self.sampled = list(sampled) if sampled is not None else list(modules)
         self.ppl_batches = ppl_batches or []
         self._energy: dict[str, float] = {}  # tr(W H W^T) per sampled layer: config-independent
+        n, m = parse_structure(structure)
+        if n:  # refuse before any trial: a shape error inside Optuna would come as a logged traceback
+            for name, mod in modules.items():
+                cols = weight_out_in(mod).shape[1]
+                if cols % m:
+                    raise LayerShapeError(
+                        f"layer '{name}': input dimension {cols} is not divisible by M={m} for {structure}; "
+                        f"leave it out with --ignore (e.g. --ignore lm_head 're:.*{name.rsplit('.', 1)[-1]}')"
+                    )
 
     def _mask(self, name: str, cfg: CRePEConfig):
         w = weight_out_in(self.modules[name]).detach()
