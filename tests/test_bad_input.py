@@ -253,3 +253,16 @@ def test_search_ignores_a_layer_not_divisible_by_m(tmp_path, calib_file, capsys)
     assert main(argv + ["--out", str(tmp_path / "s1")]) == 2
     _one_error(capsys, "down_proj")
     assert main(argv + ["--out", str(tmp_path / "s2"), "--ignore", "lm_head", "re:.*down_proj"]) == 0
+
+
+def test_readme_lists_every_refusal():
+    """The README's 'What each command refuses' table is checked against the cases above."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### What each command refuses") : text.index("## Serving in vLLM")]
+    src = (ROOT / "tests" / "test_bad_input.py").read_text()
+    fragments = {e for _, e in RECIPES.values()}
+    fragments |= set(re.findall(r'\],\s*"([^"]+)"\)', src))  # the (args, expect) tables
+    missing = sorted(f for f in fragments if f not in section)
+    assert not missing, missing
