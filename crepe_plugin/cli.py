@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-tokens", type=int, default=16)
     sc.add_argument("--no-server", action="store_true")
     sc.add_argument("--no-plugin", action="store_true", help="serve without asking for the crepe_sparse plugin")
+    sc.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache for the check (VLLM_CPU_KVCACHE_SPACE)")
 
     se = sub.add_parser(
         "search",
@@ -263,6 +264,7 @@ def _run(args) -> int:
         argv += ["--prompts", *args.prompts] if args.prompts else []
         argv += ["--no-server"] if args.no_server else []
         argv += ["--no-plugin"] if args.no_plugin else []
+        argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
         return check_main(argv)
     if args.cmd == "search":
         from .pho.api import search

@@ -174,6 +174,24 @@ def serve_check(
     return result
 
 
+def memory_shortfall(path: Path, kv_gib: float) -> str | None:
+    """Why vLLM's CPU engine cannot start here, or None. vLLM fails inside its engine process
+    with a long traceback; this checks first: the KV cache plus the weights loaded in float32
+    (about twice the checkpoint's bytes for bf16/int8 ones) must fit in the available memory."""
+    import psutil
+
+    weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    need = kv_gib * 2**30 + 2 * weights
+    avail = psutil.virtual_memory().available
+    if avail < need:
+        return (
+            f"not enough free memory for vLLM's CPU engine: {avail / 2**30:.1f} GiB available, about "
+            f"{need / 2**30:.1f} GiB needed (KV cache {kv_gib:g} GiB via VLLM_CPU_KVCACHE_SPACE / --kv-cache-gib, "
+            f"weights {weights / 2**30:.2f} GiB on disk); free memory or lower --kv-cache-gib"
+        )
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="crepe serve-check", description=__doc__)
     ap.add_argument("dir")
@@ -182,7 +200,21 @@ def main(argv=None) -> int:
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--no-plugin", action="store_true", help="do not ask for quantization='crepe_sparse'")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--kv-cache-gib", type=float, default=1.0,
+        help="CPU KV cache for the check, in GiB (sets VLLM_CPU_KVCACHE_SPACE unless already set); "
+        "vLLM's own default reserves most of the NUMA node",
+    )  # fmt: skip
     a = ap.parse_args(argv)
+    if a.kv_cache_gib <= 0:
+        print(f"error: --kv-cache-gib must be positive, got {a.kv_cache_gib}", file=sys.stderr)
+        return 2
+    # the check needs a few tokens of cache; set it before vLLM reads it (engine and server inherit it)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{a.kv_cache_gib:g}")
+    short = memory_shortfall(Path(a.dir), float(os.environ["VLLM_CPU_KVCACHE_SPACE"]))
+    if short:
+        print(f"error: {short}", file=sys.stderr)
+        return 2
     res = serve_check(a.dir, a.prompts, a.max_tokens, not a.no_server, not a.no_plugin)
     if a.json:
         print("RESULT " + json.dumps(res))

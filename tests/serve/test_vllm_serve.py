@@ -58,3 +58,18 @@ def test_w4a16_needs_a_kernel_this_cpu_build_lacks(workdir):
     later build adds it, this test fails and the README's serving table must be updated."""
     res, r = _check(_prune(workdir, "crepe_2of4_w4a16.yaml"), "--no-server")
     assert res is None and "cpu_gemm_wna16" in (r.stdout + r.stderr)
+
+
+def test_serve_check_says_plainly_when_memory_is_short(pruned_checkpoint):
+    """vLLM's CPU engine would fail in its own process with a long traceback: the check
+    measures first and gives one line (the KV cache asked for cannot fit in any machine here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    r = subprocess.run([sys.executable, "-m", "crepe_plugin.vllm.check", str(pruned_checkpoint), "--no-server",
+                        "--kv-cache-gib", "100000"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("error: not enough free memory") and "--kv-cache-gib" in lines[0]
