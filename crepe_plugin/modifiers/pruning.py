@@ -104,7 +104,7 @@ class CRePEPruningModifier(Modifier):
         layer's output error on the calibration inputs (OBS / SparseGPT-style, blockwise,
         pruned positions stay exactly zero). Costs one fp32 Hessian (in x in) per layer.
     :param mask_selection: with ``reconstruct``: "fixed" chooses the whole mask from the
-        scores first, then updates the kept weights; "adaptive" (N:M only) chooses each group
+        scores first, then updates the kept weights; "adaptive" chooses each group
         of M inputs inside the OBS sweep, from CRePE's score of the weights as compensated so
         far (as SparseGPT chooses its mask; unstructured: each block of ``block_size`` inputs at
         its start), then refines on that mask. See docs/method.md.
@@ -226,9 +226,8 @@ class CRePEPruningModifier(Modifier):
     @model_validator(mode="after")
     def _valid_mask_selection(self) -> "CRePEPruningModifier":
         self.crepe_config  # noqa: B018  refuses a degenerate score (row_coef = col_coef = 0) at parse time
-        if self.mask_selection == "adaptive":
-            if not self.reconstruct:
-                raise ValueError("mask_selection 'adaptive' chooses the mask during reconstruction; set reconstruct: true")
+        if self.mask_selection == "adaptive" and not self.reconstruct:
+            raise ValueError("mask_selection 'adaptive' chooses the mask during reconstruction; set reconstruct: true")
         return self
 
     @property
@@ -429,7 +428,7 @@ class CRePEPruningModifier(Modifier):
 
     def _compress_calibrated(self) -> None:
         cfg = self.crepe_config
-        n, _ = parse_structure(self.mask_structure)
+        n, m = parse_structure(self.mask_structure)
         for module in list(self._stats):
             name = self._names[module]
             stats = self._stats.pop(module)
@@ -437,11 +436,10 @@ class CRePEPruningModifier(Modifier):
             with torch.no_grad(), align_module_device(module):
                 w = weight_out_in(module).detach()
                 if self.mask_selection == "adaptive":
-                    nn_, mm_ = parse_structure(self.mask_structure)
                     sal = crepe_saliency(w, cfg, layer_name=name)
-                    if nn_:
+                    if n:
                         pruned, mask = compensate_adaptive_nm(
-                            w, stats.H, nn_, mm_, sal, self.dampening_frac, self.block_size, layer_name=name
+                            w, stats.H, n, m, sal, self.dampening_frac, self.block_size, layer_name=name
                         )
                     else:
                         pruned, mask = compensate_adaptive_unstructured(
