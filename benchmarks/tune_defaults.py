@@ -29,8 +29,9 @@ import math
 import time
 from pathlib import Path
 
-RIA = {"row_coef": 1.0, "col_coef": 1.0, "neighbor_coef": 0.0, "kernel_size": 3, "act_exponent": 0.5}
-WANDA = {"row_coef": 1.0, "col_coef": 0.0, "neighbor_coef": 0.0, "kernel_size": 3, "act_exponent": 1.0}
+from crepe_plugin.pho.search import RIA_PARAMS as RIA  # noqa: E402
+
+WANDA = {**RIA, "col_coef": 0.0, "act_exponent": 1.0}  # Wanda's mask for N:M and row scope
 KERNELS = [
     {"kernel": "box", "border": "mean", "neighbor_map": "ri"},
     {"kernel": "gaussian", "border": "zero", "neighbor_map": "ri"},
@@ -103,12 +104,6 @@ def main():
         evs[name] = {sc: build_evaluator(mdl, batches, d, a.structure, sparsity, cfg, meta, sc)[0] for sc in scopes}
         ids[name] = tok(read_text(proto.validation), return_tensors="pt").input_ids
         print(f"{name}: {ids[name].numel()} validation tokens", flush=True)
-
-    def fixed_of(p):
-        return {k: p[k] for k in ("kernel", "border", "neighbor_map") if k in p}
-
-    def coefs_of(p):
-        return {k: p[k] for k in RIA}
 
     # ---- searches: one per model and scope, then one joint search per scope
     candidates = {}  # label -> (scope, params)

@@ -117,11 +117,7 @@ def _fsync_tree(d: Path) -> None:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     for sub in [d, *sorted(x for x in d.rglob("*") if x.is_dir())]:
-        fd = os.open(sub, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(sub)
 
 
 def _fsync_dir(d: Path) -> None:
