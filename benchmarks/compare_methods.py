@@ -61,7 +61,6 @@ def recipe_for(method: str, structure: str) -> str:
 def run_one(a) -> dict:
     import torch
 
-    import crepe_plugin  # noqa: F401
     from crepe_plugin.core import prune_mask
     from crepe_plugin.data import calibration_dataset, read_text
     from crepe_plugin.evaluate import perplexity
@@ -88,9 +87,13 @@ def run_one(a) -> dict:
                 num_calibration_samples=a.num_samples, max_seq_length=a.seqlen)  # fmt: skip
         seconds = time.perf_counter() - t0
     ppl = perplexity(model, tok, read_text(a.eval), a.eval_seqlen, a.max_segments, progress=False)
+    total = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    linear = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    zeros = sum(int((w == 0).sum()) for w in linear)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row = {"method": a.method, "structure": a.structure, "ppl": ppl, "seconds": seconds, "peak_rss_mb": peak_mb,
-           "num_samples": a.num_samples, "seqlen": a.seqlen, "model": a.model, "calib": a.calib, "eval": a.eval}  # fmt: skip
+           "num_samples": a.num_samples, "seqlen": a.seqlen, "model": a.model, "calib": a.calib, "eval": a.eval,
+           "zero_share": zeros / total, "zero_share_of_linear": zeros / sum(w.numel() for w in linear)}  # fmt: skip
     if a.val:
         row["val"] = a.val
         row["val_ppl"] = perplexity(model, tok, read_text(a.val), a.eval_seqlen, a.max_segments, progress=False)

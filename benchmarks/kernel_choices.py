@@ -36,7 +36,7 @@ def main():
 
     refuse_test_text(a.eval, "--eval", allow=a.allow_test_text)
     from crepe_plugin.evaluate import perplexity_of_ids
-    from crepe_plugin.pho.api import _stats_meta, build_evaluator, load_session
+    from crepe_plugin.pho.session import build_evaluator, load_session, stats_meta as _stats_meta
     from crepe_plugin.pho.calib import STATS_FILE, CalibStats
     from crepe_plugin.pho.config import SearchConfig
 

@@ -38,7 +38,7 @@ def main():
     from crepe_plugin.data import read_text
     from crepe_plugin.evaluate import perplexity_of_ids
     from crepe_plugin.pho import SearchConfig
-    from crepe_plugin.pho.api import FIXED_DEFAULT, _stats_meta, build_evaluator, load_session
+    from crepe_plugin.pho.session import FIXED_DEFAULT, build_evaluator, load_session, stats_meta as _stats_meta
     from crepe_plugin.pho.search import RIA_PARAMS, run_search
 
     src = json.loads((Path(a.source) / f"best_{a.proxy}.json").read_text())

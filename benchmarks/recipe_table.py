@@ -48,7 +48,7 @@ def main(default_recipes: list[str] | None = None, default_results: str = "bench
     from crepe_plugin.data import read_text
     from crepe_plugin.evaluate import load_model, perplexity
     from crepe_plugin.pipeline import prune, resolve_model
-    from crepe_plugin.verify import verify_checkpoint
+    from crepe_plugin.checkpoint.verify import verify_checkpoint
 
     text = read_text(a.eval)
     model = resolve_model(a.model)

@@ -67,7 +67,7 @@ def main():
     from crepe_plugin.data import protocol, read_text, refuse_test_text
     from crepe_plugin.evaluate import perplexity_of_ids
     from crepe_plugin.pho import SearchConfig
-    from crepe_plugin.pho.api import _stats_meta, build_evaluator, load_session
+    from crepe_plugin.pho.session import build_evaluator, load_session, stats_meta as _stats_meta
     from crepe_plugin.pho.search import run_search, suggest_config
 
     proto = protocol(a.data_dir)

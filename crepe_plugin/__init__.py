@@ -1,54 +1,33 @@
 """crepe-plugin: CRePE / RIA post-training pruning for llm-compressor recipes.
 
-Importing this package registers the modifiers with llm-compressor's ModifierFactory
-when llm-compressor is installed (the ``compress`` extra). The serving side
-(``crepe_plugin.vllm``) never imports llm-compressor.
+``import crepe_plugin`` is cheap: it imports neither torch nor llm-compressor. The public names
+below load on first use, and the modifiers register with llm-compressor's ModifierFactory as soon
+as llm-compressor is imported (before or after this package; see ``_registration``). The serving
+side (``crepe_plugin.vllm``) never imports llm-compressor.
 """
 
 __version__ = "0.1.0"
 
-from .core import (  # noqa: E402
-    RIA_CONFIG,
-    CalibrationError,
-    CRePEConfig,
-    LayerShapeError,
-    NonFiniteError,
-    PruningError,
-    crepe_scores,
-    is_nm,
-    prune_mask,
-)
+_CORE = ("CRePEConfig", "RIA_CONFIG", "CREPE_DEFAULTS", "crepe_defaults", "crepe_scores", "prune_mask", "is_nm",
+         "PruningError", "LayerShapeError", "NonFiniteError", "CalibrationError")  # fmt: skip
+_MODIFIERS = ("CRePEPruningModifier", "RIAPruningModifier", "MaskedGPTQModifier", "OWLAllocationModifier",
+              "DSnoTModifier", "ChannelPermutationModifier")  # fmt: skip
 
-__all__ = [
-    "__version__",
-    "CRePEConfig",
-    "RIA_CONFIG",
-    "crepe_scores",
-    "prune_mask",
-    "is_nm",
-    "PruningError",
-    "LayerShapeError",
-    "NonFiniteError",
-    "CalibrationError",
-]
+__all__ = ["__version__", *_CORE, *_MODIFIERS]
 
 
-def _register_modifiers() -> None:
-    import importlib.util
+def __getattr__(name):
+    if name in _CORE:
+        from . import core
 
-    if importlib.util.find_spec("llmcompressor") is None:
-        return
-    from .modifiers import register
-
-    register()
-
-
-_register_modifiers()
-
-
-def __getattr__(name):  # lazy access to the modifier classes
-    if name in ("CRePEPruningModifier", "RIAPruningModifier", "MaskedGPTQModifier", "OWLAllocationModifier", "DSnoTModifier", "ChannelPermutationModifier"):
+        return getattr(core, name)
+    if name in _MODIFIERS:
         from . import modifiers
 
         return getattr(modifiers, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module 'crepe_plugin' has no attribute {name!r}")
+
+
+from ._registration import install as _install  # noqa: E402
+
+_install()

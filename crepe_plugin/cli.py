@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from . import __version__  # cheap: the package imports nothing heavy
+
 EPILOG = """examples:
   crepe demo
   crepe prune ./Llama-3.2-1B --recipe recipes/crepe_2of4.yaml --calib wiki.valid.tokens.txt --out ./llama-crepe-2of4
@@ -24,13 +26,16 @@ test (reporting only) = wiki.test.raw.txt.
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .pho.config import PROXY_NAMES  # pydantic only
+    from .vllm.check import add_arguments as add_serve_check_arguments  # stdlib only at import
+
     p = argparse.ArgumentParser(
         prog="crepe",
         description="CRePE / RIA pruning for llm-compressor, with checkpoints vLLM serves as they are.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"crepe-plugin {_version()}")
+    p.add_argument("--version", action="version", version=f"crepe-plugin {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     pr = sub.add_parser(
@@ -80,12 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="example:\n  crepe serve-check smol-2of4 --prompts 'Hello' 'The sky is'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sc.add_argument("dir")
-    sc.add_argument("--prompts", nargs="+", default=None)
-    sc.add_argument("--max-tokens", type=int, default=16)
-    sc.add_argument("--no-server", action="store_true")
-    sc.add_argument("--no-plugin", action="store_true", help="serve without asking for the crepe_sparse plugin")
-    sc.add_argument("--kv-cache-gib", type=float, default=1.0, help="CPU KV cache for the check (VLLM_CPU_KVCACHE_SPACE)")
+    add_serve_check_arguments(sc)
 
     se = sub.add_parser(
         "search",
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--ignore", nargs="+", default=["lm_head"],
                     help="layers left out: name suffixes or 're:' regexes (default: lm_head)")  # fmt: skip
     se.add_argument("--trials", type=int, default=60, help="finished trials the study should hold (resumes)")
-    se.add_argument("--proxy", default="energy", choices=["recon", "energy", "diag", "gini", "ppl"])
+    se.add_argument("--proxy", default="energy", choices=PROXY_NAMES)
     se.add_argument("--sampler", default=None, choices=["cmaes", "hillclimb", "random"])
     se.add_argument("--out", required=True, help="directory for the study, cache, results and report")
     se.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///OUT/pho.db)")
@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--eval-seqlen", type=int, default=1024)
     sv.add_argument("--eval-segments", type=int, default=8)
     sv.add_argument("--seed", type=int, default=1)
-    sv.add_argument("--proxies", default="recon,energy,diag,gini,ppl", help="proxies to record (ppl runs the model: slow)")
+    sv.add_argument("--proxies", default=",".join(PROXY_NAMES), help="proxies to record (ppl runs the model: slow)")
 
     de = sub.add_parser(
         "demo",
@@ -151,23 +151,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run(_parser().parse_args(argv))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one clear line, not a traceback, for known input errors
         from .core.errors import PruningError
         from .pipeline import RecipeError
-        from .verify import CheckpointError
+        from .checkpoint.verify import CheckpointError
 
         from .data import TextSourceError, TestTextError
         from .evaluate import EvalError
@@ -214,7 +207,7 @@ def _one_line(e: Exception) -> str:
 def _run(args) -> int:
     _check_positive(args, "num_samples", "seqlen", "max_segments", "trials", "samples", "eval_segments", "max_tokens")
     if args.cmd == "verify":
-        from .verify import verify_checkpoint
+        from .checkpoint.verify import verify_checkpoint
 
         rep = verify_checkpoint(args.dir, args.structure, require_record=args.require_record)
         recorded = [l for l in rep.layers if l.recorded]
@@ -258,14 +251,9 @@ def _run(args) -> int:
         print(f"saved {res['out']} ({res['seconds']:.1f}s); run `crepe verify {res['out']}`")
         return 0
     if args.cmd == "serve-check":
-        from .vllm.check import main as check_main
+        from .vllm.check import run as serve_check
 
-        argv = [args.dir, "--max-tokens", str(args.max_tokens)]
-        argv += ["--prompts", *args.prompts] if args.prompts else []
-        argv += ["--no-server"] if args.no_server else []
-        argv += ["--no-plugin"] if args.no_plugin else []
-        argv += ["--kv-cache-gib", str(args.kv_cache_gib)]
-        return check_main(argv)
+        return serve_check(args)
     if args.cmd == "search":
         from .pho.api import search
         from .pho.config import SearchConfig, SearchSpace
@@ -296,7 +284,8 @@ def _run(args) -> int:
         return 0
     if args.cmd == "search-validate":
         from .data import protocol, refuse_test_text
-        from .pho.report import validate
+        from .pho.config import PROXY_NAMES as PROXIES
+        from .pho.validate import validate
 
         text = args.eval
         if text is None:
@@ -305,8 +294,11 @@ def _run(args) -> int:
                 raise FileNotFoundError("no --eval given and WikiText-2 valid not found; set CREPE_DATA_DIR or pass --eval")
             text = proto.validation
         refuse_test_text(text, "--eval", allow=args.allow_test_text)
-        path = validate(args.dir, text, args.samples, args.eval_seqlen, args.eval_segments, args.seed,
-                        proxies=tuple(p for p in args.proxies.split(",") if p))  # fmt: skip
+        proxies = tuple(p for p in args.proxies.split(",") if p)
+        unknown = [p for p in proxies if p not in PROXIES]
+        if unknown or not proxies:
+            raise UsageError(f"--proxies takes a comma-separated list of {', '.join(PROXIES)}; got {args.proxies!r}")
+        path = validate(args.dir, text, args.samples, args.eval_seqlen, args.eval_segments, args.seed, proxies=proxies)
         print(f"wrote {path}")
         return 0
     if args.cmd == "demo":

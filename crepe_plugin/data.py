@@ -185,8 +185,12 @@ def _load_dataset(source: str, split: str):
     return ds
 
 
-def calibration_dataset(source: str, tokenizer, num_samples: int, seqlen: int, seed: int = 0):
+def calibration_dataset(source: str, tokenizer, num_samples: int, seqlen: int, seed: int = 0,
+                        max_positions: int | None = None):  # fmt: skip
     """A datasets.Dataset of ``num_samples`` token windows of length ``seqlen``.
+
+    Warns (the one place that does) when ``seqlen`` is beyond the model's ``max_positions``
+    (its config's ``max_position_embeddings``) or the tokenizer's ``model_max_length``.
 
     As SparseGPT/Wanda/RIA sample calibration data: tokenize the text once and take
     windows at seeded random offsets. Hub or local datasets are read through their
@@ -211,9 +215,12 @@ def calibration_dataset(source: str, tokenizer, num_samples: int, seqlen: int, s
             f"calibration source {source!r} holds {len(ids)} tokens: only about {distinct} non-overlapping windows "
             f"of {seqlen} for the {num_samples} requested; windows will overlap"
         )
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < seqlen:
-        logger.warning(f"--seqlen {seqlen} is beyond the tokenizer's model_max_length {limit}")
+    limits = {"the model's max_position_embeddings": max_positions,
+              "the tokenizer's model_max_length": getattr(tokenizer, "model_max_length", None)}  # fmt: skip
+    over = [f"{what} {n}" for what, n in limits.items() if isinstance(n, int) and 0 < n < seqlen]
+    if over:
+        logger.warning(f"--seqlen {seqlen} is beyond {' and '.join(over)}; calibration windows that long "
+                       "may not reflect how the model runs")  # fmt: skip
     rows = [ids[s : s + seqlen] for s in starts]
     logger.info(f"calibration: {num_samples} x {seqlen} tokens from {source} ({len(ids)} tokens)")
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seqlen for _ in rows]})

@@ -56,7 +56,7 @@ def demo(
     from .evaluate import load_model, perplexity
     from .models import smollm2_path
     from .pipeline import load_recipe, prune
-    from .verify import verify_checkpoint
+    from .checkpoint.verify import verify_checkpoint
 
     model_dir = smollm2_path()
     calib, test, desc = demo_data(data_dir)

@@ -63,7 +63,7 @@ def check_recipe_dict(obj, where: str) -> None:
 def load_recipe(recipe):
     """Parse a recipe (path, YAML string, Recipe or modifiers) and refuse one with no modifier,
     or with keys llm-compressor would silently ignore (``check_recipe_dict``)."""
-    import crepe_plugin  # noqa: F401  registers our modifiers
+    from . import modifiers  # noqa: F401  (registers our modifiers with llm-compressor)
     import yaml
     from llmcompressor.recipe import Recipe
 
@@ -221,7 +221,7 @@ def prune(
     from transformers import AutoTokenizer
 
     from .data import calibration_dataset
-    from .verify import verify_checkpoint
+    from .checkpoint.verify import verify_checkpoint
 
     r = load_recipe(recipe)
     model = resolve_model(model)
@@ -234,10 +234,7 @@ def prune(
         limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
     except (OSError, ValueError):
         limit = None
-    if isinstance(limit, int) and seqlen > limit:
-        logger.warning(f"--seqlen {seqlen} is beyond the model's max_position_embeddings {limit}; calibration "
-                       "windows that long may not reflect how the model runs")  # fmt: skip
-    ds = calibration_dataset(calib, tok, num_samples, seqlen, seed)
+    ds = calibration_dataset(calib, tok, num_samples, seqlen, seed, max_positions=limit)
     with atomic_output(out, overwrite) as tmp:
         t0 = time.perf_counter()
         oneshot(

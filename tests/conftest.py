@@ -7,6 +7,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+try:  # llm-compressor adds its loguru sink on sys.stderr when imported: do it before pytest captures
+    import llmcompressor  # noqa: F401  (``import crepe_plugin`` no longer imports it)
+except ImportError:  # the serving environment
+    pass
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CREPE_DATA_DIR", ROOT.parent / "shared" / "data"))
 

@@ -85,7 +85,7 @@ def _sparsity_per_layer(out: Path) -> dict[int, float]:
 
 
 def test_owl_recipe_gives_nonuniform_layers_at_the_target_mean(tmp_path):
-    from crepe_plugin.record import RECORD_KEY
+    from crepe_plugin.checkpoint.record import RECORD_KEY
     from crepe_plugin.testing import save_tiny_llama
 
     from .test_modifiers import _run

@@ -170,7 +170,7 @@ def test_gpt2_conv1d_layers_are_pruned_along_their_inputs(tmp_path, calib_file):
 
     from crepe_plugin import is_nm
     from crepe_plugin.testing import save_tiny_gpt2, tiny_tokenizer
-    from crepe_plugin.verify import verify_checkpoint
+    from crepe_plugin.checkpoint.verify import verify_checkpoint
 
     src = save_tiny_gpt2(tmp_path / "gpt2")
     out = tmp_path / "pruned"
@@ -253,6 +253,69 @@ def test_search_ignores_a_layer_not_divisible_by_m(tmp_path, calib_file, capsys)
     assert main(argv + ["--out", str(tmp_path / "s1")]) == 2
     _one_error(capsys, "down_proj")
     assert main(argv + ["--out", str(tmp_path / "s2"), "--ignore", "lm_head", "re:.*down_proj"]) == 0
+
+
+MORE = [  # (argv, expect): {model} {calib} {tmp} {recipe} are filled in
+    (["verify", "{tmp}/nope"], "not a directory"),
+    (["prune", "{model}", "--recipe", "{tmp}/nope.yaml", "--calib", "{calib}", "--out", "{tmp}/o"], "no such file"),
+    (["prune", "{model}", "--recipe", "{recipe}", "--calib", "{calib}", "--out", "{model}"], "pass --overwrite"),
+    (["eval", "{model}", "--text", "{tmp}/nope.txt"], "no such file or directory"),
+    (["eval", "{model}", "--text", "{calib}", "--seqlen", "-64"], "--seqlen"),
+    (["search", "{model}", "--calib", "{calib}", "--structure", "2:x", "--out", "{tmp}/s"], "is not 'N:M'"),
+    (["search", "{model}", "--calib", "{calib}", "--structure", "0:0", "--out", "{tmp}/s"], "--sparsity is required"),
+    (["search", "{model}", "--calib", "{calib}", "--structure", "2:4", "--sparsity", "0.7", "--out", "{tmp}/s"],
+     "contradicts --structure"),
+    (["search", "{model}", "--calib", "{calib}", "--structure", "0:0", "--sparsity", "1.5", "--out", "{tmp}/s"],
+     "strictly between 0 and 1"),
+    (["search-validate", "{tmp}", "--proxies", "diag,foo"], "--proxies takes"),
+    (["search-validate", "{tmp}"], "holds no search result"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,expect", MORE, ids=[" ".join(a[:1] + a[-2:]) for a, _ in MORE])
+def test_more_bad_arguments(argv, expect, tmp_path, tiny_model_dir, calib_file, capsys):
+    fill = {"model": tiny_model_dir, "calib": calib_file, "tmp": tmp_path, "recipe": ROOT / "recipes" / "crepe_2of4.yaml"}
+    listing = sorted(tmp_path.iterdir())
+    assert main([a.format(**fill) for a in argv]) == 2
+    _one_error(capsys, expect)
+    assert sorted(tmp_path.iterdir()) == listing  # nothing written
+
+
+def test_ctrl_c_during_start_up_prints_interrupted(tmp_path, tiny_model_dir, calib_file):
+    """SIGINT while the heavy imports (torch, llm-compressor) are still loading: no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "crepe_plugin.cli", "prune", str(tiny_model_dir), "--recipe",
+                          str(ROOT / "recipes" / "crepe_2of4.yaml"), "--calib", str(calib_file), "--out",
+                          str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(1.0)  # llm-compressor alone takes several seconds to import here
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_seqlen_and_window_warnings_come_from_one_place(calib_file):
+    """--seqlen beyond the model's positions warns once; too few distinct windows warns."""
+    from loguru import logger
+
+    from crepe_plugin.data import calibration_dataset
+    from crepe_plugin.testing import tiny_tokenizer
+
+    lines = []
+    sink = logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        tok = tiny_tokenizer()
+        calibration_dataset(str(calib_file), tok, num_samples=2, seqlen=64, max_positions=32)
+        calibration_dataset(str(calib_file), tok, num_samples=10**5, seqlen=64)
+    finally:
+        logger.remove(sink)
+    assert sum("beyond the model's max_position_embeddings 32" in x for x in lines) == 1, lines
+    assert sum("windows will overlap" in x for x in lines) == 1, lines
 
 
 def test_readme_lists_every_refusal():

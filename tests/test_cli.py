@@ -16,8 +16,8 @@ pytest.importorskip("llmcompressor")
 from crepe_plugin.cli import main  # noqa: E402
 from crepe_plugin.evaluate import perplexity  # noqa: E402
 from crepe_plugin.pipeline import RecipeError, atomic_output, load_recipe  # noqa: E402
-from crepe_plugin.record import RECORD_KEY  # noqa: E402
-from crepe_plugin.verify import CheckpointError, unpack_int4, verify_checkpoint  # noqa: E402
+from crepe_plugin.checkpoint.record import RECORD_KEY  # noqa: E402
+from crepe_plugin.checkpoint.verify import CheckpointError, unpack_int4, verify_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

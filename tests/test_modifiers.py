@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import crepe_plugin  # noqa: F401  (registers the modifiers)
 from crepe_plugin import RIA_CONFIG, CRePEConfig, CRePEPruningModifier, RIAPruningModifier, crepe_scores, is_nm, prune_mask
 from crepe_plugin.core import InputNormStats, LayerShapeError, NonFiniteError, PruningError
-from crepe_plugin.record import RECORD_KEY, read_record
+from crepe_plugin.checkpoint.record import RECORD_KEY, read_record
 from crepe_plugin.testing import tiny_llama, tiny_tokenizer
 
 from .conftest import calib_dataset

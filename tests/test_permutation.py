@@ -75,7 +75,7 @@ def test_folded_permutation_keeps_logits_and_gains_importance(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from crepe_plugin.record import RECORD_KEY
+    from crepe_plugin.checkpoint.record import RECORD_KEY
     from crepe_plugin.testing import save_tiny_llama
 
     from .test_modifiers import _recipe, _run
@@ -103,7 +103,7 @@ def test_folded_permutation_keeps_logits_and_gains_importance(tmp_path):
 def test_cp_recipe_saves_exact_2of4_in_stored_order(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from crepe_plugin.verify import verify_checkpoint
+    from crepe_plugin.checkpoint.verify import verify_checkpoint
 
     from .test_modifiers import _run
 

@@ -66,7 +66,8 @@ transformers = pytest.importorskip("transformers")
 optuna = pytest.importorskip("optuna")
 
 from crepe_plugin.pho import SearchConfig, SearchSpace  # noqa: E402
-from crepe_plugin.pho.calib import CalibStats, gather_stats, sample_layer_names, target_modules  # noqa: E402
+from crepe_plugin.core.stats import CalibStats, gather_stats  # noqa: E402
+from crepe_plugin.pho.calib import sample_layer_names, target_modules  # noqa: E402
 from crepe_plugin.pho.search import RIA_PARAMS, Evaluator, run_search  # noqa: E402
 from crepe_plugin.testing import tiny_llama  # noqa: E402
 
@@ -207,7 +208,7 @@ def test_recipe_search_block_runs_pho_and_records_it(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
     import crepe_plugin  # noqa: F401
-    from crepe_plugin.record import RECORD_KEY
+    from crepe_plugin.checkpoint.record import RECORD_KEY
 
     from .test_modifiers import _run
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import crepe_plugin  # noqa: F401
 from crepe_plugin.core import PruningError
 from crepe_plugin.testing import save_tiny_llama, tiny_tokenizer
-from crepe_plugin.verify import verify_checkpoint
+from crepe_plugin.checkpoint.verify import verify_checkpoint
 
 from .conftest import calib_dataset
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from crepe_plugin.cli import main
-from crepe_plugin.record import RECORD_KEY
+from crepe_plugin.checkpoint.record import RECORD_KEY
 
 from .conftest import ROOT
 

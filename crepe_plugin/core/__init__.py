@@ -1,7 +1,6 @@
-"""Framework-free pruning math: scores, masks, statistics. Imports torch and pydantic only."""
+"""Framework-free pruning math: scores, masks, statistics. Imports torch, pydantic and safetensors only."""
 
 from .compensation import (
-    HessianStats,
     compensate_adaptive_nm,
     compensate_adaptive_unstructured,
     compensate_fixed_mask,
@@ -10,10 +9,10 @@ from .compensation import (
 )
 from .config import CREPE_DEFAULTS, RIA_CONFIG, CRePEConfig, crepe_defaults
 from .errors import CalibrationError, LayerShapeError, NonFiniteError, PruningError
-from .layers import from_stored_layout, is_conv1d, to_stored_layout, weight_out_in
+from .layers import decoder_layer, from_stored_layout, is_conv1d, set_weight, to_stored_layout, weight_out_in
 from .masks import is_nm, nm_mask, nm_violations, parse_structure, prune_mask, unstructured_mask
 from .scores import crepe_saliency, crepe_scores, neighborhood, relative_importance
-from .stats import InputMomentStats, InputNormStats
+from .stats import CalibStats, HessianStats, InputMomentStats, InputNormStats, gather_stats
 from .allocation import outlier_ratio, owl_sparsities, wanda_importance
 from .dsnot import dsnot_refine, expected_error
 
@@ -43,6 +42,10 @@ __all__ = [
     "dsnot_refine",
     "expected_error",
     "HessianStats",
+    "CalibStats",
+    "gather_stats",
+    "decoder_layer",
+    "set_weight",
     "compensate_fixed_mask",
     "compensate_adaptive_nm",
     "compensate_adaptive_unstructured",

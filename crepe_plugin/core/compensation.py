@@ -14,31 +14,7 @@ import torch
 
 from .errors import CalibrationError, NonFiniteError, _where
 
-__all__ = ["HessianStats", "inverse_hessian_factor", "compensate_fixed_mask", "compensate_adaptive_nm", "compensate_adaptive_unstructured", "refine_fixed_mask", "Saliency"]
-
-
-class HessianStats:
-    """Running H = (2 / n_samples) * sum over tokens of x x^T, in float32 (SparseGPT's scaling).
-
-    ``diag(H) / 2`` equals the input statistic of the scores (mean over samples of ||X_j||^2).
-    """
-
-    def __init__(self, in_features: int, device=None):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.num_samples = 0
-
-    def update(self, inp: torch.Tensor) -> None:
-        if inp.dim() == 2:
-            inp = inp.unsqueeze(0)
-        batch = inp.shape[0]
-        x = inp.detach().reshape(-1, inp.shape[-1]).to(self.H.device, torch.float32)
-        self.H.mul_(self.num_samples / (self.num_samples + batch))
-        self.num_samples += batch
-        x = x * (2.0 / self.num_samples) ** 0.5
-        self.H.addmm_(x.t(), x)
-
-    def input_sq_norm(self) -> torch.Tensor:
-        return torch.diagonal(self.H) / 2
+__all__ = ["inverse_hessian_factor", "compensate_fixed_mask", "compensate_adaptive_nm", "compensate_adaptive_unstructured", "refine_fixed_mask", "Saliency"]
 
 
 def _damped_hessian(H: torch.Tensor, dampening_frac: float) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-__all__ = ["is_conv1d", "weight_out_in", "to_stored_layout", "from_stored_layout"]
+__all__ = ["is_conv1d", "weight_out_in", "to_stored_layout", "from_stored_layout", "set_weight", "decoder_layer"]
 
 
 def is_conv1d(module: torch.nn.Module) -> bool:
@@ -27,3 +29,24 @@ def to_stored_layout(module: torch.nn.Module, w_out_in: torch.Tensor) -> torch.T
 def from_stored_layout(module: torch.nn.Module, stored: torch.Tensor) -> torch.Tensor:
     """A weight read in ``module``'s stored layout (e.g. from its checkpoint), as (out, in)."""
     return stored.t() if is_conv1d(module) else stored
+
+
+def set_weight(module: torch.nn.Module, w_out_in: torch.Tensor, assign=None) -> None:
+    """Write an (out, in) weight back into ``module`` in its stored layout (the pair of
+    ``weight_out_in``). ``assign(module, tensor)`` stores it (the modifiers pass an
+    offload-aware setter); by default the parameter's data is replaced."""
+    stored = to_stored_layout(module, w_out_in).contiguous()
+    if assign is None:
+        module.weight.data = stored
+    else:
+        assign(module, stored)
+
+
+_DECODER_LAYER = re.compile(r"^(.*?(?:^|\.)layers\.(\d+))\.")
+
+
+def decoder_layer(module_name: str) -> tuple[str, int] | None:
+    """(decoder layer prefix, its index) for a module inside one (``model.layers.3.mlp.up_proj``
+    -> ``("model.layers.3", 3)``), or None. The one definition of "which decoder layer"."""
+    m = _DECODER_LAYER.match(module_name)
+    return (m.group(1), int(m.group(2))) if m else None

@@ -11,7 +11,7 @@ import torch
 
 from .errors import LayerShapeError, PruningError, _where
 
-__all__ = ["parse_structure", "prune_mask", "nm_mask", "unstructured_mask", "nm_violations", "is_nm"]
+__all__ = ["parse_structure", "prune_mask", "nm_mask", "unstructured_mask", "nm_violations", "zero_mask_nm_violations", "is_nm"]
 
 _STRUCT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -130,11 +130,15 @@ def prune_mask(
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
     """Number of M-groups (along the last dim) with fewer than n zeros. -1 if not divisible."""
-    w = weight.reshape(-1, weight.shape[-1])
-    if w.shape[-1] % m:
+    return zero_mask_nm_violations(weight == 0, n, m)
+
+
+def zero_mask_nm_violations(zero: torch.Tensor, n: int, m: int) -> int:
+    """``nm_violations`` of a boolean mask of the zero weights (True = zero)."""
+    z = zero.reshape(-1, zero.shape[-1])
+    if z.shape[-1] % m:
         return -1
-    zeros = (w == 0).reshape(w.shape[0], -1, m).sum(-1)
-    return int((zeros < n).sum())
+    return int((z.reshape(z.shape[0], -1, m).sum(-1) < n).sum())
 
 
 def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:

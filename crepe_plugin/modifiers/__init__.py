@@ -1,4 +1,6 @@
-"""llm-compressor glue. Importing ``crepe_plugin`` calls ``register()``."""
+"""llm-compressor glue: one module per modifier on the shared ``base.LayerwiseModifier``
+(``MaskedGPTQModifier`` extends llm-compressor's GPTQ). ``register()`` runs when llm-compressor
+is imported (see ``crepe_plugin._registration``)."""
 
 from .allocation import OWLAllocationModifier
 from .dsnot import DSnoTModifier
@@ -29,7 +31,10 @@ MODIFIERS = {
 
 def register() -> None:
     """Register our modifiers with llm-compressor's ModifierFactory (idempotent)."""
-    from llmcompressor.modifiers import ModifierFactory
+    from ..compat.llmcompressor import ModifierFactory
 
     for name, cls in MODIFIERS.items():
         ModifierFactory.register(name, cls)
+
+
+register()  # idempotent; covers ``import crepe_plugin.modifiers`` before llm-compressor was imported

@@ -17,34 +17,29 @@ sparsity_stage:
 
 from __future__ import annotations
 
-import re
-
 import torch
 from loguru import logger
 from pydantic import Field, PrivateAttr
+from tqdm.auto import tqdm
 
-from llmcompressor.core import State
-from llmcompressor.modifiers import Modifier
-
-from ..core import PruningError, owl_sparsities, outlier_ratio, parse_structure, wanda_importance, weight_out_in
+from ..compat.compressed_tensors import match_named_modules
+from ..compat.llmcompressor import State
+from ..core import (
+    PruningError,
+    decoder_layer,
+    gather_stats,
+    outlier_ratio,
+    owl_sparsities,
+    parse_structure,
+    wanda_importance,
+    weight_out_in,
+)
+from .base import LayerwiseModifier
 
 __all__ = ["OWLAllocationModifier"]
 
-_LAYER = re.compile(r"^(.*?layers\.\d+)\.")
 
-
-def _pruners_after(me) -> list:
-    from llmcompressor.core import active_session
-    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
-
-    from .pruning import CRePEPruningModifier
-
-    mods = list(active_session().lifecycle.recipe.modifiers)
-    idx = next(i for i, m in enumerate(mods) if m is me)
-    return [m for m in mods[idx + 1 :] if isinstance(m, (CRePEPruningModifier, SparsityModifierBase))]
-
-
-class OWLAllocationModifier(Modifier):
+class OWLAllocationModifier(LayerwiseModifier):
     """OWL (Yin et al., 2024): layers with more outlier weights (Wanda importance above
     ``owl_m`` x the layer mean) get lower sparsity, within target +- ``owl_lmbda``, at
     the same mean. The target is the following pruner's ``sparsity`` (or ``sparsity``
@@ -56,14 +51,11 @@ class OWLAllocationModifier(Modifier):
     owl_m: float = Field(5.0, gt=0)
     owl_lmbda: float = Field(0.08, ge=0, lt=0.5)
     sparsity: float | None = Field(None, gt=0, lt=1)
-    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
 
     _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
-        from ..pho.calib import gather_stats
-
-        pruners = _pruners_after(self)
+        pruners = self.pruners_after()
         if not pruners:
             raise PruningError("OWLAllocationModifier: no pruning modifier follows it in the recipe to hand sparsities to")
         for p in pruners:
@@ -84,24 +76,19 @@ class OWLAllocationModifier(Modifier):
                 )
             target = next(iter(vals))
         model = state.model
-        from compressed_tensors.utils import match_named_modules
-
-        linears = {
-            n: m
-            for n, m in match_named_modules(model, ["Linear"], self.ignore)
-            if _LAYER.match(n)
-        }
+        linears = {n: m for n, m in match_named_modules(model, ["Linear"], self.ignore) if decoder_layer(n)}
         if not linears:
             raise PruningError("OWLAllocationModifier: found no linear layer inside decoder layers (named '...layers.N.')")
         loader = getattr(getattr(state, "data", None), "calib", None)
         if loader is None:
             raise PruningError("OWLAllocationModifier needs calibration data, and oneshot got none")
-        stats = gather_stats(model, loader, linears, (), device=next(model.parameters()).device)
+        stats = gather_stats(model, loader, linears, (), device=next(model.parameters()).device,
+                             progress=lambda it: tqdm(it, desc="OWL outlier statistics"))  # fmt: skip
         groups: dict[str, list[torch.Tensor]] = {}
         for name, mod in linears.items():
             with torch.no_grad():
                 imp = wanda_importance(weight_out_in(mod), stats.sq_norms[name].to(mod.weight.device))
-            groups.setdefault(_LAYER.match(name).group(1), []).append(imp)
+            groups.setdefault(decoder_layer(name)[0], []).append(imp)
         layers = list(groups)
         ratios = [outlier_ratio(groups.pop(layer), self.owl_m) for layer in layers]
         sp = owl_sparsities(ratios, target, self.owl_lmbda)
@@ -121,15 +108,13 @@ class OWLAllocationModifier(Modifier):
             pruner.sparsity = {**{k: v for k, v in self._layer_sparsity.items()}, "default": target}
             return
         # llm-compressor's SparseGPT / Wanda: one value per module its targets match
-        from compressed_tensors.utils import match_named_modules
-
         names = [n for n, _ in match_named_modules(model, pruner.targets if isinstance(pruner.targets, list) else [pruner.targets])]
         vals = []
         for n in names:
-            mt = _LAYER.match(n + ".")
-            vals.append(self._layer_sparsity.get(mt.group(1), target) if mt else target)
+            layer = decoder_layer(n + ".")
+            vals.append(self._layer_sparsity.get(layer[0], target) if layer else target)
         pruner.sparsity = vals
         pruner.sparsity_profile = None
 
-    def on_finalize(self, state: State, **kwargs) -> bool:
-        return True
+    def on_calibration_start(self, state, event, **kwargs):
+        """OWL measured its statistics in ``on_initialize``; it hooks nothing during calibration."""

@@ -23,13 +23,11 @@ sparsity_stage:
 from __future__ import annotations
 
 import torch
-from compressed_tensors.utils import align_module_device, get_execution_device, match_named_modules, update_offload_parameter
 from loguru import logger
 from pydantic import Field, PrivateAttr
 
-from llmcompressor.core import Event, State
-from llmcompressor.modifiers import Modifier
-
+from ..compat.compressed_tensors import align_module_device, get_execution_device
+from ..compat.llmcompressor import SparseGPTModifier, State
 from ..core import (
     CalibrationError,
     InputMomentStats,
@@ -39,9 +37,9 @@ from ..core import (
     from_stored_layout,
     is_nm,
     parse_structure,
-    to_stored_layout,
     weight_out_in,
 )
+from .base import LayerwiseModifier
 
 __all__ = ["DSnoTModifier", "DenseSource"]
 
@@ -90,37 +88,25 @@ class DenseSource:
             return fh.get_tensor(key)
 
 
-class DSnoTModifier(Modifier):
+class DSnoTModifier(LayerwiseModifier):
     """DSnoT (Zhang et al., ICLR 2024) after a mask-only pruner. Defaults are the paper's
     (50 cycles, threshold 0.1, variance power 1). The pruner before it must leave kept
     weights at their dense values: CRePE/RIA without ``reconstruct``, or Wanda (not
     SparseGPT, which updates weights).
     """
 
-    requires_calibration_data: bool = True
     targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
-    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
     max_cycles: int = Field(50, ge=1, le=10_000)
     update_threshold: float = Field(0.1, ge=0, lt=1)
     pow_of_var_regrowing: float = Field(1.0, ge=0)
 
     _n: int = PrivateAttr(0)
     _m: int = PrivateAttr(0)
-    _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
-    _stats: dict[torch.nn.Module, InputMomentStats] = PrivateAttr(default_factory=dict)
     _source: DenseSource | None = PrivateAttr(None)
     _done: dict[str, float] = PrivateAttr(default_factory=dict)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
-        from llmcompressor.core import active_session
-        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
-        from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
-
-        from .pruning import CRePEPruningModifier
-
-        mods = list(active_session().lifecycle.recipe.modifiers)
-        idx = next(i for i, m in enumerate(mods) if m is self)
-        before = [m for m in mods[:idx] if isinstance(m, (CRePEPruningModifier, SparsityModifierBase))]
+        before = self.pruners_before()
         if not before:
             raise PruningError("DSnoTModifier refines a pruning mask: put it after CRePE, RIA or Wanda in the recipe")
         pruner = before[-1]
@@ -131,68 +117,47 @@ class DSnoTModifier(Modifier):
                 "weights, and DSnoT's swaps assume kept weights hold their dense values"
             )
         self._n, self._m = parse_structure(pruner.mask_structure)
-        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        self._names = {
-            m: n for n, m in match_named_modules(state.model, targets, self.ignore) if isinstance(m, torch.nn.Linear)
-        }
-        if not self._names:
-            raise PruningError(f"DSnoTModifier: targets {targets} match no Linear layer")
+        self._layers = {m: n for n, m in self.resolve_layers(state.model, self.targets, self.ignore).items()}
+        if not self._layers:
+            raise PruningError(f"DSnoTModifier: targets {self.targets} match no Linear layer")
         self._source = DenseSource(getattr(state.model.config, "_name_or_path", None))
         return True
 
-    def on_calibration_start(self, state: State, event: Event, **kwargs):
-        for module in self._names:
-            self.register_hook(module, self._calibrate, "forward")
+    def new_stats(self, module: torch.nn.Module) -> InputMomentStats:
+        return InputMomentStats(weight_out_in(module).shape[1], device=get_execution_device(module))
 
-    def _calibrate(self, module, args, _out):
-        if module not in self._stats:
-            w = weight_out_in(module)
-            self._stats[module] = InputMomentStats(w.shape[1], device=get_execution_device(module))
-        self._stats[module].update(args[0])
-
-    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
-        self._refine()
-
-    def on_calibration_end(self, state: State, event: Event, **kwargs):
-        self.remove_hooks()
-        self._refine()
-
-    def _refine(self) -> None:
-        for module in list(self._stats):
-            name = self._names[module]
-            stats = self._stats.pop(module)
-            with torch.no_grad(), align_module_device(module):
-                cur = weight_out_in(module).detach()
-                dense = from_stored_layout(module, self._source.weight(name)).to(cur.device, cur.dtype)
-                mask = cur == 0
-                if not torch.equal(cur[~mask], dense[~mask]):
-                    raise PruningError(
-                        f"DSnoT: layer '{name}': kept weights differ from the source checkpoint (a modifier "
-                        "before DSnoT changed them: reconstruction, SparseGPT or smoothing); DSnoT needs "
-                        "kept weights at their dense values"
-                    )
-                if not bool(mask.any()):
-                    logger.warning(f"DSnoT: layer '{name}' is not pruned; skipped")
-                    continue
-                if self._n and not is_nm(cur, self._n, self._m):
-                    raise PruningError(f"DSnoT: layer '{name}' is not {self._n}:{self._m} before refinement")
-                mean = stats.mean().to(cur.device)
-                before = expected_error(dense, mask, mean).abs().mean()
-                new = dsnot_refine(
-                    dense, mask, mean, stats.var().to(cur.device), stats.value(name).to(cur.device),
-                    self._n, self._m, self.max_cycles, self.update_threshold, self.pow_of_var_regrowing, name,
-                )  # fmt: skip
-                after = expected_error(dense, new, mean).abs().mean()
-                w = dense.masked_fill(new, 0).to(cur.dtype)
-                update_offload_parameter(module, "weight", to_stored_layout(module, w).contiguous())
-            changed = float((new != mask).float().mean())
-            self._done[name] = changed
-            logger.info(f"DSnoT {name}: mean |expected error| {before:.4g} -> {after:.4g}, {changed:.2%} of positions swapped")
+    def process_layer(self, module: torch.nn.Module, name: str, stats: InputMomentStats) -> None:
+        with torch.no_grad(), align_module_device(module):
+            cur = weight_out_in(module).detach()
+            dense = from_stored_layout(module, self._source.weight(name)).to(cur.device, cur.dtype)
+            mask = cur == 0
+            if not torch.equal(cur[~mask], dense[~mask]):
+                raise PruningError(
+                    f"DSnoT: layer '{name}': kept weights differ from the source checkpoint (a modifier "
+                    "before DSnoT changed them: reconstruction, SparseGPT or smoothing); DSnoT needs "
+                    "kept weights at their dense values"
+                )
+            if not bool(mask.any()):
+                logger.warning(f"DSnoT: layer '{name}' is not pruned; skipped")
+                return
+            if self._n and not is_nm(cur, self._n, self._m):
+                raise PruningError(f"DSnoT: layer '{name}' is not {self._n}:{self._m} before refinement")
+            mean = stats.mean().to(cur.device)
+            before = expected_error(dense, mask, mean).abs().mean()
+            new = dsnot_refine(
+                dense, mask, mean, stats.var().to(cur.device), stats.value(name).to(cur.device),
+                self._n, self._m, self.max_cycles, self.update_threshold, self.pow_of_var_regrowing, name,
+            )  # fmt: skip
+            after = expected_error(dense, new, mean).abs().mean()
+            w = dense.masked_fill(new, 0).to(cur.dtype)
+            self.write_weight(module, w)
+        changed = float((new != mask).float().mean())
+        self._done[name] = changed
+        logger.info(f"DSnoT {name}: mean |expected error| {before:.4g} -> {after:.4g}, {changed:.2%} of positions swapped")
 
     def on_finalize(self, state: State, **kwargs) -> bool:
-        if not self.ended_:
-            self.remove_hooks()
-        missing = [n for n in self._names.values() if n not in self._done]
+        super().on_finalize(state, **kwargs)
+        missing = [n for n in self._layers.values() if n not in self._done]
         if missing and not self._done:
             raise PruningError(f"DSnoTModifier: no layer was refined (first: '{missing[0]}'); check the calibration data")
         return True

@@ -15,16 +15,18 @@ from __future__ import annotations
 from copy import copy
 
 import torch
-from compressed_tensors.offload import disable_offloading
-from compressed_tensors.quantization import QuantizationStrategy
-from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from compressed_tensors.utils import getattr_chain
 from loguru import logger
 from pydantic import field_validator
 
-from llmcompressor.modifiers.gptq import GPTQModifier
-from llmcompressor.modifiers.gptq.helpers import column_scale_window, prepare_batch, update_batch_qparams
-
+from ..compat.compressed_tensors import QuantizationStrategy, disable_offloading, fake_quantize, getattr_chain
+from ..compat.llmcompressor import (
+    GPTQModifier,
+    column_scale_window,
+    gptq_count_compressed,
+    gptq_module_state,
+    prepare_batch,
+    update_batch_qparams,
+)
 from ..core import compensate_fixed_mask
 
 __all__ = ["MaskedGPTQModifier"]
@@ -56,13 +58,13 @@ class MaskedGPTQModifier(GPTQModifier):
 
     def compress_module_list(self, module_list):
         for module in module_list:
-            name = self._module_names[module]
+            name, hessians, num_samples = gptq_module_state(self, module)
             quant_args = getattr_chain(module, "quantization_scheme.weights")
             if quant_args.actorder not in (None, "none"):
                 raise ValueError(f"layer '{name}': MaskedGPTQModifier does not support actorder")
             qparams = module.weight_observer.get_qparams()
             with torch.no_grad(), disable_offloading():
-                W, H, scales, zps, gscales = prepare_batch([module], [qparams], self._hessians, self._num_samples)
+                W, H, scales, zps, gscales = prepare_batch([module], [qparams], hessians, num_samples)
                 rows, cols = W.shape[1:]
                 g_idx = None
                 if quant_args.strategy in (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP):
@@ -86,4 +88,4 @@ class MaskedGPTQModifier(GPTQModifier):
                 )
                 update_batch_qparams([module], q.unsqueeze(0), scales, zps, gscales, quant_args)
             logger.info(f"{name}: mask-preserving GPTQ, {int(mask.sum())} pruned weights kept at zero")
-            self._num_compressed_modules += 1
+            gptq_count_compressed(self)

@@ -10,53 +10,38 @@ import re
 from typing import Any, ClassVar, Literal
 
 import torch
-from compressed_tensors.utils import (
-    align_module_device,
-    get_execution_device,
-    match_named_modules,
-    match_targets,
-    update_offload_parameter,
-)
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from llmcompressor.core import Event, State
-from llmcompressor.modifiers import Modifier
-from llmcompressor.utils.pytorch.module import infer_sequential_targets
-
+from ..checkpoint.record import merge_record, new_record
+from ..compat.compressed_tensors import align_module_device, get_execution_device, match_named_modules
+from ..compat.llmcompressor import GPTQModifier, QuantizationMixin, State, sequential_layer_targets
 from ..core import (
     RIA_CONFIG,
     CRePEConfig,
-    crepe_defaults,
     HessianStats,
-    compensate_adaptive_nm,
-    compensate_adaptive_unstructured,
-    compensate_fixed_mask,
-    crepe_saliency,
-    refine_fixed_mask,
     InputNormStats,
     LayerShapeError,
     PruningError,
+    compensate_adaptive_nm,
+    compensate_adaptive_unstructured,
+    compensate_fixed_mask,
+    crepe_defaults,
+    crepe_saliency,
     crepe_scores,
-    parse_structure,
     is_conv1d,
+    parse_structure,
     prune_mask,
-    to_stored_layout,
+    refine_fixed_mask,
     weight_out_in,
 )
 from ..core.config import Border, Coef, KernelName, KernelSize, NeighborMap
 from ..pho.config import SearchConfig
-from ..record import RECORD_KEY, merge_record, new_record
-from .save import keep_record_on_save
+from .base import PRUNABLE, LayerwiseModifier
 
 __all__ = ["CRePEPruningModifier", "RIAPruningModifier"]
 
-_PRUNABLE = ("Linear", "Conv1D")
 SparsityArg = float | list[float] | dict[str, float] | None
-
-
-def _is_prunable(module: torch.nn.Module) -> bool:
-    return type(module).__name__ in _PRUNABLE or isinstance(module, torch.nn.Linear)
 
 
 def _key_matches(key: str, name: str) -> bool:
@@ -73,7 +58,7 @@ def _check_fraction(v: float, where: str) -> float:
     return v
 
 
-class CRePEPruningModifier(Modifier):
+class CRePEPruningModifier(LayerwiseModifier):
     """One-shot CRePE pruning (RIA generalised with adaptive coefficients and a k x k
     neighborhood term). See docs/method.md.
 
@@ -119,13 +104,10 @@ class CRePEPruningModifier(Modifier):
         fields above are then only the search's fallback. See docs/method.md.
     """
 
-    requires_calibration_data: bool = True
-
     sparsity: SparsityArg = None
     mask_structure: str = "0:0"
     scope: Literal["matrix", "row"] = "matrix"
-    targets: str | list[str] = Field(default_factory=lambda: ["Linear", "Conv1D"])
-    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
+    targets: str | list[str] = Field(default_factory=lambda: list(PRUNABLE))
 
     row_coef: Coef = 1.0
     col_coef: Coef = 1.0
@@ -145,9 +127,7 @@ class CRePEPruningModifier(Modifier):
 
     method_name: ClassVar[str] = "crepe"
 
-    _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _sparsities: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
-    _stats: dict[torch.nn.Module, InputNormStats | HessianStats] = PrivateAttr(default_factory=dict)
     _pruned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
     _search_result: dict[str, Any] | None = PrivateAttr(default=None)
 
@@ -238,27 +218,16 @@ class CRePEPruningModifier(Modifier):
     def _check_recipe_order(self) -> None:
         """Quantizing before pruning, or plain GPTQ after it, gives a model that is not
         N:M; refuse such a recipe instead of saving it."""
-        from llmcompressor.core import active_session
-        from llmcompressor.modifiers.gptq import GPTQModifier
-        from llmcompressor.modifiers.quantization import QuantizationMixin
-
-        try:
-            mods = list(active_session().lifecycle.recipe.modifiers)
-        except AttributeError:
-            return
-        idx = next((i for i, m in enumerate(mods) if m is self), None)
-        if idx is None:
-            return
-        before = [type(m).__name__ for m in mods[:idx] if isinstance(m, QuantizationMixin)]
-        if before:
-            raise PruningError(
-                f"{type(self).__name__} comes after {before[0]} in the recipe: quantizing before pruning "
-                "leaves quantized weights that pruning then changes; put the pruning stage first"
-            )
         from .gptq import MaskedGPTQModifier
 
-        after = [m for m in mods[idx + 1 :] if isinstance(m, GPTQModifier) and not isinstance(m, MaskedGPTQModifier)]
-        if after:
+        before, after = self._split_recipe()
+        quant = [type(m).__name__ for m in before if isinstance(m, QuantizationMixin)]
+        if quant:
+            raise PruningError(
+                f"{type(self).__name__} comes after {quant[0]} in the recipe: quantizing before pruning "
+                "leaves quantized weights that pruning then changes; put the pruning stage first"
+            )
+        if any(isinstance(m, GPTQModifier) and not isinstance(m, MaskedGPTQModifier) for m in after):
             raise PruningError(
                 "GPTQModifier after pruning refills the pruned weights (its error compensation knows no "
                 "mask) and the saved model would not be N:M; use MaskedGPTQModifier (same fields)"
@@ -267,7 +236,7 @@ class CRePEPruningModifier(Modifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         self._check_recipe_order()
         model = state.model
-        modules = self._resolve_modules(model)
+        modules = self.resolve_layers(model, self.targets, self.ignore)
         if not modules:
             raise PruningError(
                 f"{type(self).__name__}: targets {self.targets} (ignore {self.ignore}) match no "
@@ -283,19 +252,19 @@ class CRePEPruningModifier(Modifier):
                         f"layer '{name}': input dimension {cols} is not divisible by M={m} for "
                         f"{self.mask_structure} sparsity; add it to `ignore`"
                     )
-        self._names = {mod: name for name, mod in modules.items() if sparsities[name] > 0}
+        self._layers = {mod: name for name, mod in modules.items() if sparsities[name] > 0}
         self._sparsities = {mod: sparsities[name] for name, mod in modules.items() if sparsities[name] > 0}
         if self.search is not None:
             self._run_search(state, {n: m for n, m in modules.items() if sparsities[n] > 0}, sparsities)
         logger.info(
-            f"{type(self).__name__}: {len(self._names)} layers to prune "
+            f"{type(self).__name__}: {len(self._layers)} layers to prune "
             f"({self.mask_structure if n else f'{self.scope} unstructured'}), config {self.crepe_config}"
         )
         return True
 
     def _run_search(self, state: State, modules: dict[str, torch.nn.Module], sparsities: dict[str, float]) -> None:
         """PHO on this oneshot's calibration data, before any layer is pruned."""
-        from ..pho.calib import gather_stats, sample_layer_names
+        from ..pho.calib import sample_layer_names, statistics_pass
         from ..pho.search import Evaluator, run_search
 
         loader = getattr(getattr(state, "data", None), "calib", None)
@@ -306,7 +275,7 @@ class CRePEPruningModifier(Modifier):
             device = get_execution_device(state.model)
         except Exception:
             device = next(state.model.parameters()).device
-        stats = gather_stats(state.model, loader, modules, sampled, device=device)
+        stats = statistics_pass(state.model, loader, modules, sampled, device=device)
         ev = Evaluator(state.model, modules, stats, self.mask_structure, {n: sparsities[n] for n in modules}, self.scope, sampled)
         fixed = {"kernel": self.kernel, "border": self.border, "neighbor_map": self.neighbor_map}
         res = run_search(ev, self.search, fixed)
@@ -316,74 +285,40 @@ class CRePEPruningModifier(Modifier):
         self._search_result = {k: res[k] for k in ("proxy", "sampler", "trials", "value", "params", "study_name")}
         logger.info(f"{type(self).__name__}: PHO chose {res['params']} ({res['proxy']} {res['value']:.6g})")
 
-    def on_calibration_start(self, state: State, event: Event, **kwargs):
-        for module in self._names:
-            self.register_hook(module, self._calibrate, "forward")
-
-    def _calibrate(self, module: torch.nn.Module, args: tuple, _output: torch.Tensor):
-        stats = self._stats.get(module)
-        if stats is None:
-            cls = HessianStats if self.reconstruct else InputNormStats
-            stats = cls(weight_out_in(module).shape[1], device=get_execution_device(module))
-            self._stats[module] = stats
-        stats.update(args[0])
-
-    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
-        self._compress_calibrated()
-
-    def on_calibration_end(self, state: State, event: Event, **kwargs):
-        self.remove_hooks()
-        self._compress_calibrated()
+    def new_stats(self, module: torch.nn.Module) -> InputNormStats | HessianStats:
+        cls = HessianStats if self.reconstruct else InputNormStats
+        return cls(weight_out_in(module).shape[1], device=get_execution_device(module))
 
     def on_finalize(self, state: State, **kwargs) -> bool:
-        if not self.ended_:
-            self.remove_hooks()
-        missing = [self._names[m] for m in self._names if self._names[m] not in self._pruned]
+        super().on_finalize(state, **kwargs)
+        missing = [name for name in self._layers.values() if name not in self._pruned]
         if missing:
             raise PruningError(
                 f"{type(self).__name__}: {len(missing)} layers received no calibration data and were "
                 f"not pruned (first: '{missing[0]}'); check the calibration dataset"
             )
-        cfg = state.model.config if hasattr(state.model, "config") else None
-        if cfg is not None:
-            record = new_record(
-                self.method_name,
-                self._pruned,
-                config={
-                    **self.crepe_config.model_dump(),
-                    "scope": self.scope,
-                    "reconstruct": self.reconstruct,
-                    **(
-                        {"mask_selection": self.mask_selection, "dampening_frac": self.dampening_frac,
-                         "block_size": self.block_size, "refine_steps": self.refine_steps}
-                        if self.reconstruct
-                        else {}
-                    ),
-                    **({"search": self._search_result} if self._search_result else {}),
-                },
-                targets=self.targets if isinstance(self.targets, list) else [self.targets],
-                ignore=list(self.ignore),
-            )
-            setattr(cfg, RECORD_KEY, merge_record(getattr(cfg, RECORD_KEY, None), record))
-            keep_record_on_save(state.model)
-        self._stats.clear()
+        record = new_record(
+            self.method_name,
+            self._pruned,
+            config={
+                **self.crepe_config.model_dump(),
+                "scope": self.scope,
+                "reconstruct": self.reconstruct,
+                **(
+                    {"mask_selection": self.mask_selection, "dampening_frac": self.dampening_frac,
+                     "block_size": self.block_size, "refine_steps": self.refine_steps}
+                    if self.reconstruct
+                    else {}
+                ),  # fmt: skip
+                **({"search": self._search_result} if self._search_result else {}),
+            },
+            targets=self.targets if isinstance(self.targets, list) else [self.targets],
+            ignore=list(self.ignore),
+        )
+        self.update_record(state.model, lambda old: merge_record(old, record))
         return True
 
     # ---------------------------------------------------------------- internals
-    def _resolve_modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
-        found: dict[str, torch.nn.Module] = {}
-        for name, module in match_named_modules(model, targets, self.ignore):
-            if _is_prunable(module):
-                found[name] = module
-                continue
-            for sub, child in match_named_modules(module, list(_PRUNABLE), None):
-                full = f"{name}.{sub}" if sub else name
-                if not match_targets(full, child, self.ignore):
-                    found[full] = child
-        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
-
     def _resolve_sparsities(
         self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], seq_targets
     ) -> dict[str, float]:
@@ -411,7 +346,7 @@ class CRePEPruningModifier(Modifier):
                 raise PruningError(f"sparsity map keys match no targeted layer: {sorted(unused)}")
             return out
         # list: one value per decoder layer (the sequential targets)
-        seq = infer_sequential_targets(model, sequential_targets=seq_targets)
+        seq = sequential_layer_targets(model, seq_targets)
         layers = [name for name, _ in match_named_modules(model, seq)]
         if len(sp) != len(layers):
             raise PruningError(
@@ -426,50 +361,47 @@ class CRePEPruningModifier(Modifier):
             out[name] = sp[idx]
         return out
 
-    def _compress_calibrated(self) -> None:
+    def process_layer(self, module: torch.nn.Module, name: str, stats: InputNormStats | HessianStats) -> None:
         cfg = self.crepe_config
         n, m = parse_structure(self.mask_structure)
-        for module in list(self._stats):
-            name = self._names[module]
-            stats = self._stats.pop(module)
-            sparsity = self._sparsities[module]
-            with torch.no_grad(), align_module_device(module):
-                w = weight_out_in(module).detach()
-                if self.mask_selection == "adaptive":
-                    sal = crepe_saliency(w, cfg, layer_name=name)
-                    if n:
-                        pruned, mask = compensate_adaptive_nm(
-                            w, stats.H, n, m, sal, self.dampening_frac, self.block_size, layer_name=name
-                        )
-                    else:
-                        pruned, mask = compensate_adaptive_unstructured(
-                            w, stats.H, sparsity, sal, self.scope, self.dampening_frac, self.block_size, layer_name=name
-                        )
+        sparsity = self._sparsities[module]
+        with torch.no_grad(), align_module_device(module):
+            w = weight_out_in(module).detach()
+            if self.mask_selection == "adaptive":
+                sal = crepe_saliency(w, cfg, layer_name=name)
+                if n:
+                    pruned, mask = compensate_adaptive_nm(
+                        w, stats.H, n, m, sal, self.dampening_frac, self.block_size, layer_name=name
+                    )
                 else:
-                    s = stats.input_sq_norm() if self.reconstruct else stats.value(name)
-                    scores = crepe_scores(w, s, cfg, layer_name=name)
-                    mask = prune_mask(scores, sparsity, self.mask_structure, self.scope, layer_name=name)
-                    del scores
-                if self.reconstruct:
-                    if self.mask_selection == "fixed":
-                        pruned = compensate_fixed_mask(
-                            w, stats.H, mask, self.dampening_frac, self.block_size, layer_name=name
-                        )
-                    if self.refine_steps:
-                        pruned = refine_fixed_mask(
-                            w, pruned, stats.H, mask, self.refine_steps, self.dampening_frac, name
-                        )
-                    pruned = pruned.to(w.dtype)
-                else:
-                    pruned = w.masked_fill(mask, 0)
-                update_offload_parameter(module, "weight", to_stored_layout(module, pruned).contiguous())
-            density = 1.0 - float(mask.float().mean())
-            logger.info(f"{name}: pruned with {stats.num_samples} samples, density {density:.4f}")
-            self._pruned[name] = {
-                "structure": self.mask_structure if n else "0:0",
-                "sparsity": round(1.0 - density, 6),
-                **({"layout": "in_out"} if is_conv1d(module) else {}),  # verify checks N:M along the inputs
-            }
+                    pruned, mask = compensate_adaptive_unstructured(
+                        w, stats.H, sparsity, sal, self.scope, self.dampening_frac, self.block_size, layer_name=name
+                    )
+            else:
+                s = stats.input_sq_norm() if self.reconstruct else stats.value(name)
+                scores = crepe_scores(w, s, cfg, layer_name=name)
+                mask = prune_mask(scores, sparsity, self.mask_structure, self.scope, layer_name=name)
+                del scores
+            if self.reconstruct:
+                if self.mask_selection == "fixed":
+                    pruned = compensate_fixed_mask(
+                        w, stats.H, mask, self.dampening_frac, self.block_size, layer_name=name
+                    )
+                if self.refine_steps:
+                    pruned = refine_fixed_mask(
+                        w, pruned, stats.H, mask, self.refine_steps, self.dampening_frac, name
+                    )
+                pruned = pruned.to(w.dtype)
+            else:
+                pruned = w.masked_fill(mask, 0)
+            self.write_weight(module, pruned)
+        density = 1.0 - float(mask.float().mean())
+        logger.info(f"{name}: pruned with {stats.num_samples} samples, density {density:.4f}")
+        self._pruned[name] = {
+            "structure": self.mask_structure if n else "0:0",
+            "sparsity": round(1.0 - density, 6),
+            **({"layout": "in_out"} if is_conv1d(module) else {}),  # verify checks N:M along the inputs
+        }
 
 
 class RIAPruningModifier(CRePEPruningModifier):

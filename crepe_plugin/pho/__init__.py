@@ -12,6 +12,6 @@ def search(*args, **kwargs):
 
 
 def validate(*args, **kwargs):
-    from .report import validate as _validate
+    from .validate import validate as _validate
 
     return _validate(*args, **kwargs)

@@ -57,7 +57,7 @@ class SearchConfig(BaseModel):
     """PHO settings; also the ``search:`` block of CRePEPruningModifier."""
 
     model_config = ConfigDict(extra="forbid")
-    proxy: Literal["recon", "energy", "diag", "gini", "ppl"] = Field(
+    proxy: Literal[PROXY_NAMES] = Field(
         "energy", description="the proxy minimised; 'energy' tracked held-out perplexity best (docs/method.md)"
     )
     trials: int = Field(60, ge=1, le=100_000)

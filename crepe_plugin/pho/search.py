@@ -21,14 +21,14 @@ from typing import Any, Iterable
 import torch
 from loguru import logger
 
-from ..core import CRePEConfig, LayerShapeError, crepe_scores, parse_structure, prune_mask, to_stored_layout, weight_out_in
+from ..core import RIA_CONFIG, CRePEConfig, LayerShapeError, crepe_scores, parse_structure, prune_mask, set_weight, weight_out_in
 from ..core.proxies import layer_proxy, output_energy, output_error_terms
-from .calib import CalibStats
+from ..core.stats import CalibStats
 from .config import SEARCHED, SearchConfig, SearchSpace
 
 __all__ = ["Evaluator", "run_search", "suggest_config", "RIA_PARAMS", "space_dims"]
 
-RIA_PARAMS = {"row_coef": 1.0, "col_coef": 1.0, "neighbor_coef": 0.0, "kernel_size": 3, "act_exponent": 0.5}
+RIA_PARAMS = {k: getattr(RIA_CONFIG, k) for k in SEARCHED}  # the searched fields at RIA's point
 
 
 def space_dims(space: SearchSpace) -> dict[str, Any]:
@@ -144,7 +144,7 @@ class Evaluator:
                     w, _, _, mask = self._mask(name, cfg)
                     saved[name] = mod.weight.data
                     pruned = w.masked_fill(mask, 0)
-                    mod.weight.data = to_stored_layout(mod, pruned).contiguous()
+                    set_weight(mod, pruned)
             yield self.model
         finally:
             for name, data in saved.items():

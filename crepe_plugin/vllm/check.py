@@ -29,10 +29,9 @@ def _is_model_dir(path: Path) -> None:
 def plugin_quantization(path: Path) -> str | None:
     """'crepe_sparse' where our vLLM plugin is registered and must be asked for by name: a
     pruned-only checkpoint with 2:4 modules (quantized ones are claimed automatically)."""
-    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
-    from vllm.plugins import load_general_plugins
+    from ..compat.vllm import QUANTIZATION_METHODS, load_general_plugins
 
-    from ..record import RECORD_KEY
+    from ..checkpoint.record import RECORD_KEY
     from .quant import NAME, sparse_modules
 
     load_general_plugins()  # what vLLM does in each process; honours VLLM_PLUGINS
@@ -144,7 +143,7 @@ def serve_check(
 ) -> dict:
     import vllm
 
-    from ..verify import verify_checkpoint
+    from ..checkpoint.verify import verify_checkpoint
 
     path = Path(model_dir)
     _is_model_dir(path)
@@ -192,8 +191,8 @@ def memory_shortfall(path: Path, kv_gib: float) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="crepe serve-check", description=__doc__)
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The serve-check arguments, for ``python -m crepe_plugin.vllm.check`` and ``crepe serve-check``."""
     ap.add_argument("dir")
     ap.add_argument("--prompts", nargs="+", default=None)
     ap.add_argument("--max-tokens", type=int, default=16)
@@ -205,7 +204,14 @@ def main(argv=None) -> int:
         help="CPU KV cache for the check, in GiB (sets VLLM_CPU_KVCACHE_SPACE unless already set); "
         "vLLM's own default reserves most of the NUMA node",
     )  # fmt: skip
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    return run(add_arguments(argparse.ArgumentParser(prog="crepe serve-check", description=__doc__)).parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
     if a.kv_cache_gib <= 0:
         print(f"error: --kv-cache-gib must be positive, got {a.kv_cache_gib}", file=sys.stderr)
         return 2

@@ -14,8 +14,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
-
+    from ..compat.vllm import QUANTIZATION_METHODS, register_quantization_config
     from .quant import NAME, CRePESparseConfig
 
     if NAME not in QUANTIZATION_METHODS or _registered_class() is not CRePESparseConfig:
@@ -24,7 +23,7 @@ def register() -> None:
 
 
 def _registered_class():
-    from vllm.model_executor.layers.quantization import get_quantization_config
+    from ..compat.vllm import get_quantization_config
 
     try:
         return get_quantization_config("crepe_sparse")

@@ -24,11 +24,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.logger import init_logger
-from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
-from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from ..record import RECORD_KEY
+from ..compat.vllm import (
+    LinearBase,
+    QuantizationConfig,
+    UnquantizedLinearMethod,
+    compressed_tensors_config,
+    get_current_vllm_config_or_none,
+    init_logger,
+)
+
+from ..checkpoint.record import RECORD_KEY
 from .sparse import apply_layer, prepare_layer
 
 logger = init_logger("vllm.plugins.crepe_sparse")  # under "vllm": its handlers print it
@@ -52,8 +58,6 @@ def _hf_record(hf_config: Any) -> Any:
 
 
 def _current_record() -> Any:
-    from vllm.config import get_current_vllm_config_or_none
-
     cfg = get_current_vllm_config_or_none()
     return _hf_record(cfg.model_config.hf_config) if cfg is not None and cfg.model_config is not None else None
 
@@ -111,11 +115,7 @@ class CRePESparseConfig(QuantizationConfig):
         method = config.get("quant_method")
         if method != "compressed-tensors":
             raise ValueError(f"{NAME}: cannot stack 2:4 on a {method!r} quantization_config (compressed-tensors only)")
-        from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
-            CompressedTensorsConfig,
-        )
-
-        return cls(inner=CompressedTensorsConfig.from_config(config))
+        return cls(inner=compressed_tensors_config().from_config(config))
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:

@@ -16,11 +16,10 @@ column-major view of the row-major activations (no copy), and ``transpose_result
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from loguru import logger
 
+from ..compat.torch import cslt_compress, cslt_sparse_mm, cslt_sparse_mm_search
 from ..core.masks import is_nm
 
 __all__ = [
@@ -78,7 +77,7 @@ def fallback_reason(weight: torch.Tensor) -> str | None:
 def compress(weight: torch.Tensor) -> torch.Tensor:
     """The cuSPARSELt-compressed form of a 2:4 weight (out x in). Call fallback_reason first:
     cuSPARSELt silently drops values from a weight that is not 2:4."""
-    return torch._cslt_compress(weight.contiguous())
+    return cslt_compress(weight.contiguous())
 
 
 def _pad_tokens(x2: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -97,9 +96,7 @@ def _bucket(tokens: int) -> int:
 
 
 def _mm_search(packed: torch.Tensor, dense_t: torch.Tensor, out_dtype: torch.dtype | None) -> int:
-    with warnings.catch_warnings():  # torch 2.11 deprecates the name, the op is the same
-        warnings.simplefilter("ignore")
-        return int(torch._cslt_sparse_mm_search(packed, dense_t, out_dtype=out_dtype, transpose_result=True))
+    return cslt_sparse_mm_search(packed, dense_t, out_dtype=out_dtype, transpose_result=True)
 
 
 def search_algs(packed: torch.Tensor, in_features: int, dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> list[int]:
@@ -133,7 +130,7 @@ def _cslt_linear(
     tokens = x2.shape[0]
     xp = _pad_tokens(x2, multiple)
     alg_id = algs[_bucket(tokens)] if algs else 0
-    y = torch._cslt_sparse_mm(
+    y = cslt_sparse_mm(
         packed, xp.t(), bias=bias, out_dtype=out_dtype, transpose_result=True, alg_id=alg_id
     )
     return y[:tokens] if y.shape[0] != tokens else y

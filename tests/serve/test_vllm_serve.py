@@ -11,7 +11,7 @@ from .conftest import prune as _prune
 
 
 def test_serving_side_never_imports_llmcompressor():
-    code = "import sys, crepe_plugin, crepe_plugin.vllm.check, crepe_plugin.verify; print('llmcompressor' in sys.modules)"
+    code = "import sys, crepe_plugin, crepe_plugin.vllm.check, crepe_plugin.checkpoint.verify; print('llmcompressor' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
 
@@ -73,3 +73,25 @@ def test_serve_check_says_plainly_when_memory_is_short(pruned_checkpoint):
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1
     assert lines[0].startswith("error: not enough free memory") and "--kv-cache-gib" in lines[0]
+
+
+def test_entry_point_registers_with_llmcompressor_made_unimportable():
+    """vLLM's entry point (the ``crepe_sparse`` registration) runs with any import of
+    llm-compressor failing, and the upstream seam resolves every vLLM and torch name it wraps."""
+    code = (
+        "import sys\n"
+        "sys.modules['llmcompressor'] = None\n"
+        "from crepe_plugin.vllm.plugin import register\n"
+        "register()\n"
+        "import crepe_plugin.compat.vllm as v, crepe_plugin.compat.torch as t\n"
+        "names = ['init_logger', 'LinearBase', 'UnquantizedLinearMethod', 'QuantizationConfig', 'QUANTIZATION_METHODS',\n"
+        "         'register_quantization_config', 'get_quantization_config', 'get_current_vllm_config_or_none',\n"
+        "         'load_general_plugins']\n"
+        "assert all(getattr(v, n) is not None for n in names)\n"
+        "assert v.compressed_tensors_config().__name__ == 'CompressedTensorsConfig'\n"
+        "assert callable(t.cslt_compress) and callable(t.cslt_sparse_mm)\n"
+        "assert 'crepe_sparse' in v.QUANTIZATION_METHODS\n"
+        "print('ok', v.version())"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().startswith("ok"), r.stderr[-3000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..record import RECORD_KEY
+from .record import RECORD_KEY
 
 __all__ = ["keep_record_on_save", "write_record"]
 
@@ -46,6 +46,8 @@ def keep_record_on_save(model: torch.nn.Module) -> None:
             write_record(save_directory, record)
         return out
 
+    from ..compat.llmcompressor import mark_save_wrapped
+
     save_pretrained._crepe_record = True
-    save_pretrained._overridden = True  # llm-compressor: do not wrap again
+    mark_save_wrapped(save_pretrained)  # llm-compressor: do not wrap again
     model.save_pretrained = save_pretrained

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .core.masks import parse_structure
+from ..core.masks import parse_structure, zero_mask_nm_violations
 from .record import RECORD_KEY, parse_record
 
 __all__ = ["LayerReport", "VerifyReport", "CheckpointError", "verify_checkpoint", "unpack_int4"]
@@ -131,12 +131,6 @@ def _zero_point(get, name: str, q: torch.Tensor) -> torch.Tensor | None:
     return zp.reshape(q.shape[0], -1)
 
 
-def _nm_violations(zero: torch.Tensor, n: int, m: int) -> int:
-    if zero.shape[-1] % m:
-        return -1
-    return int((zero.reshape(zero.shape[0], -1, m).sum(-1) < n).sum())
-
-
 def verify_checkpoint(path: str | Path, structure: str | None = None, require_record: bool = False) -> VerifyReport:
     """Inspect every 2-D weight of a saved checkpoint.
 
@@ -232,7 +226,7 @@ def verify_checkpoint(path: str | Path, structure: str | None = None, require_re
         seen.add(name)
         rec = recorded.get(name)
         want = parse_structure(rec) if rec else report.check_structure
-        viol = _nm_violations(zero, *want) if want[0] else None
+        viol = zero_mask_nm_violations(zero, *want) if want[0] else None
         nm_ok = None if viol is None else viol == 0
         report.layers.append(
             LayerReport(name, fmt, tuple(zero.shape), 1.0 - float(zero.float().mean()), nm_ok, rec, max(viol or 0, 0))

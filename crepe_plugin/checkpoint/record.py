@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import __version__
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 RECORD_KEY = "crepe_sparsity"
@@ -30,7 +31,7 @@ class ModuleRecord(BaseModel):
     @field_validator("structure")
     @classmethod
     def _structure(cls, v: str) -> str:
-        from .core.masks import parse_structure
+        from ..core.masks import parse_structure
 
         parse_structure(v)
         return v
@@ -62,12 +63,6 @@ def parse_record(data: Any) -> Record:
         raise ValueError(f"the {RECORD_KEY} record is malformed: {' '.join(str(e).split())[:200]}") from None
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def new_record(
     method: str, modules: dict[str, dict[str, Any]], config: dict[str, Any] | None = None, **extra
 ) -> dict[str, Any]:
@@ -75,7 +70,7 @@ def new_record(
     structures = sorted({m["structure"] for m in modules.values()})
     return {
         "format": RECORD_FORMAT,
-        "plugin_version": _version(),
+        "plugin_version": __version__,
         "method": method,
         "structure": structures[0] if len(structures) == 1 else "mixed",
         "config": dict(config or {}),

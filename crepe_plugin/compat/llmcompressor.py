@@ -1,0 +1,78 @@
+"""llm-compressor names the plugin uses (tested with llmcompressor 0.14.0.1).
+
+Beyond plain imports, the internals the plugin leans on are wrapped in small functions here:
+the active recipe's modifiers, the sequential targets, GPTQ's per-module state, and the flag that
+stops llm-compressor from wrapping ``save_pretrained`` a second time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import UpstreamError, installed_version, resolve
+
+_DIST, _PIN = "llmcompressor", "0.14.0.1"
+
+
+def _get(module: str, attr: str):
+    return resolve(_DIST, module, attr, _PIN)
+
+
+Modifier = _get("llmcompressor.modifiers", "Modifier")
+ModifierFactory = _get("llmcompressor.modifiers", "ModifierFactory")
+Event = _get("llmcompressor.core", "Event")
+State = _get("llmcompressor.core", "State")
+GPTQModifier = _get("llmcompressor.modifiers.gptq", "GPTQModifier")
+QuantizationMixin = _get("llmcompressor.modifiers.quantization", "QuantizationMixin")
+SparseGPTModifier = _get("llmcompressor.modifiers.pruning.sparsegpt", "SparseGPTModifier")
+SparsityModifierBase = _get("llmcompressor.modifiers.pruning.sparsegpt.sgpt_base", "SparsityModifierBase")
+_active_session = _get("llmcompressor.core", "active_session")
+_infer_sequential_targets = _get("llmcompressor.utils.pytorch.module", "infer_sequential_targets")
+# GPTQ's per-module helpers (MaskedGPTQModifier replaces only its update step)
+column_scale_window = _get("llmcompressor.modifiers.gptq.helpers", "column_scale_window")
+prepare_batch = _get("llmcompressor.modifiers.gptq.helpers", "prepare_batch")
+update_batch_qparams = _get("llmcompressor.modifiers.gptq.helpers", "update_batch_qparams")
+
+
+def _missing(what: str, e: Exception) -> UpstreamError:
+    return UpstreamError(
+        f"crepe-plugin needs {what} from llmcompressor, which the installed llmcompressor "
+        f"{installed_version(_DIST)} does not provide ({type(e).__name__}: {e}); tested with {_PIN}"
+    )
+
+
+def recipe_modifiers() -> list:
+    """The modifiers of the recipe oneshot is running, in order. Raises (never returns an empty
+    list) when llm-compressor no longer keeps the recipe where 0.14 does, so the recipe-order
+    guards cannot silently switch off."""
+    try:
+        return list(_active_session().lifecycle.recipe.modifiers)
+    except AttributeError as e:
+        raise _missing("active_session().lifecycle.recipe.modifiers", e) from e
+
+
+def sequential_layer_targets(model: torch.nn.Module, sequential_targets: Any) -> Any:
+    """llm-compressor's decoder-layer class names for ``model`` (its sequential pipeline's unit)."""
+    return _infer_sequential_targets(model, sequential_targets=sequential_targets)
+
+
+def gptq_module_state(gptq: Any, module: torch.nn.Module) -> tuple[str, Any, Any]:
+    """(layer name, Hessians, sample counts) that GPTQModifier accumulated for ``module``."""
+    try:
+        return gptq._module_names[module], gptq._hessians, gptq._num_samples
+    except AttributeError as e:
+        raise _missing("GPTQModifier's _module_names/_hessians/_num_samples", e) from e
+
+
+def gptq_count_compressed(gptq: Any) -> None:
+    try:
+        gptq._num_compressed_modules += 1
+    except AttributeError as e:
+        raise _missing("GPTQModifier._num_compressed_modules", e) from e
+
+
+def mark_save_wrapped(fn) -> None:
+    """llm-compressor wraps ``model.save_pretrained`` unless the function carries ``_overridden``."""
+    fn._overridden = True
