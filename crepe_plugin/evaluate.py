@@ -25,7 +25,7 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
     with freshly initialised weights and the perplexity would look plausible."""
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .models import load_processor, model_class, text_tokenizer
 
     p = Path(path)
     if p.exists() and not (p / "config.json").is_file():
@@ -33,7 +33,7 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
     from safetensors import SafetensorError
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        model, info = model_class(path).from_pretrained(path, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated or corrupt safetensors, bad config
         raise EvalError(f"{path}: cannot load the checkpoint: {' '.join(str(e).split())[:300]}") from None
     missing = list(info.get("missing_keys") or [])
@@ -43,8 +43,7 @@ def load_model(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"
             "they would be evaluated freshly initialised"
         )
     model.to(device).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    return model, tok
+    return model, text_tokenizer(load_processor(path))
 
 
 @torch.no_grad()

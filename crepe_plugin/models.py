@@ -14,7 +14,7 @@ from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["cache_dir", "smollm2_path", "gemma3_path", "SMOLLM2_GGUF"]
+__all__ = ["cache_dir", "smollm2_path", "gemma3_path", "SMOLLM2_GGUF", "is_vision_language", "model_class", "load_processor", "text_tokenizer"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -171,3 +171,36 @@ def smollm2_path(cache: Path | None = None) -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     return _rebuild(_gguf_file(), out)
+
+
+# ---------------------------------------------------------------- loading any checkpoint
+
+
+def is_vision_language(path: str) -> bool:
+    """A vision-language checkpoint (its config carries a ``vision_config``)."""
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(path), "vision_config", None) is not None
+    except (OSError, ValueError):
+        return False
+
+
+def model_class(path: str):
+    """The transformers auto class that loads ``path`` whole: image-text-to-text for a
+    vision-language model (its language model, vision tower and projector), causal LM else."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_language(path) else AutoModelForCausalLM
+
+
+def load_processor(path: str):
+    """The processor of a vision-language model (saved with the pruned checkpoint), else the tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    return AutoProcessor.from_pretrained(path) if is_vision_language(path) else AutoTokenizer.from_pretrained(path)
+
+
+def text_tokenizer(processor):
+    """The tokenizer inside a processor (or the tokenizer itself)."""
+    return getattr(processor, "tokenizer", processor)

@@ -218,36 +218,36 @@ def prune(
 ) -> dict:
     """Run oneshot and save to ``out`` atomically; the result is verified before it is kept."""
     from llmcompressor import oneshot
-    from transformers import AutoTokenizer
+
+    from .models import load_processor, model_class, text_tokenizer
 
     from .data import calibration_dataset
+    from .checkpoint.save import save_pruned
     from .checkpoint.verify import verify_checkpoint
 
     r = load_recipe(recipe)
     model = resolve_model(model)
     if Path(model).exists() and not (Path(model) / "config.json").is_file():
         raise RecipeError(f"{model} is not a model directory (no config.json)")
-    tok = AutoTokenizer.from_pretrained(model)
+    processor = load_processor(model)  # a vision-language model's processor is saved with it
+    tok = text_tokenizer(processor)
     try:
         from transformers import AutoConfig
 
-        limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+        limit = getattr(AutoConfig.from_pretrained(model).get_text_config(), "max_position_embeddings", None)
     except (OSError, ValueError):
         limit = None
     ds = calibration_dataset(calib, tok, num_samples, seqlen, seed, max_positions=limit)
     with atomic_output(out, overwrite) as tmp:
         t0 = time.perf_counter()
-        oneshot(
-            model=model,
-            tokenizer=tok,
-            dataset=ds,
-            recipe=r,
-            num_calibration_samples=num_samples,
-            max_seq_length=seqlen,
-            output_dir=str(tmp),
-            save_compressed=save_compressed,
-        )
+        loaded = model_class(model).from_pretrained(model, dtype="auto")
+        pruned = oneshot(model=loaded, processor=processor, dataset=ds, recipe=r, num_calibration_samples=num_samples,
+                         max_seq_length=seqlen, save_compressed=save_compressed)  # fmt: skip
         seconds = time.perf_counter() - t0
+        renamed = save_pruned(pruned, processor, tmp, save_compressed)
+        if renamed:
+            logger.info(f"{len(renamed)} recorded modules named as transformers saved them "
+                        f"(e.g. {next(iter(renamed))} -> {next(iter(renamed.values()))})")  # fmt: skip
         (tmp / INCOMPLETE_MARKER).unlink()  # written in full; now it must verify
         # a recipe with one of our pruners must leave a record; others (Wanda, SparseGPT) are only reported
         from .modifiers import CRePEPruningModifier

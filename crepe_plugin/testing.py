@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_llama", "save_tiny_llama", "save_tiny_gpt2"]
+__all__ = ["tiny_tokenizer", "tiny_llama", "save_tiny_llama", "save_tiny_gpt2", "save_tiny_moe", "save_tiny_llava"]
 
 _ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:'\"!?-()\n@=")
 
@@ -87,4 +87,63 @@ def save_tiny_gpt2(path: str | Path, hidden: int = 64, layers: int = 2, heads: i
     path = Path(path)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _heavy_tails(model) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(torch.exp(torch.randn_like(p) * 0.5))
+
+
+def save_tiny_moe(path: str | Path, arch: str = "mixtral", hidden: int = 64, intermediate: int = 64, layers: int = 2,
+                  experts: int = 4, top_k: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 128,
+                  seed: int = 0) -> Path:  # fmt: skip
+    """A tiny mixture-of-experts decoder from its transformers config: ``arch`` 'mixtral' or
+    'qwen3_moe'. transformers 5 stores the experts fused, as 3-D ``gate_up_proj`` / ``down_proj``."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, max_position_embeddings=512, num_experts_per_tok=top_k,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    if arch == "mixtral":
+        cfg = MixtralConfig(intermediate_size=intermediate, num_local_experts=experts, **common)
+    elif arch == "qwen3_moe":
+        cfg = Qwen3MoeConfig(moe_intermediate_size=intermediate, intermediate_size=intermediate, num_experts=experts,
+                             head_dim=hidden // heads, decoder_sparse_step=1, mlp_only_layers=[], **common)  # fmt: skip
+    else:
+        raise ValueError(f"unknown tiny MoE architecture {arch!r}; 'mixtral' or 'qwen3_moe'")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    _heavy_tails(model)
+    path = Path(path)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_tiny_llava(path: str | Path, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny LLaVA (CLIP vision tower, projector, Llama language model) with its processor
+    (CLIP image processor + the character tokenizer with an ``<image>`` token)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=hidden)  # fmt: skip
+    text = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                       eos_token_id=2)  # fmt: skip
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-1, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    _heavy_tails(model)
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                               tokenizer=tok, patch_size=8, vision_feature_select_strategy="default")  # fmt: skip
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
     return path

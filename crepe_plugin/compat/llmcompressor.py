@@ -30,6 +30,9 @@ SparseGPTModifier = _get("llmcompressor.modifiers.pruning.sparsegpt", "SparseGPT
 SparsityModifierBase = _get("llmcompressor.modifiers.pruning.sparsegpt.sgpt_base", "SparsityModifierBase")
 _active_session = _get("llmcompressor.core", "active_session")
 _infer_sequential_targets = _get("llmcompressor.utils.pytorch.module", "infer_sequential_targets")
+# MoE: llm-compressor linearizes fused experts for calibration; repacking restores the fused module
+_get_linearized_moes = _get("llmcompressor.modeling.moe.linearize", "get_linearized_moes")
+_repack_moe = _get("llmcompressor.modeling.moe.linearize", "repack_moe")
 # GPTQ's per-module helpers (MaskedGPTQModifier replaces only its update step)
 column_scale_window = _get("llmcompressor.modifiers.gptq.helpers", "column_scale_window")
 prepare_batch = _get("llmcompressor.modifiers.gptq.helpers", "prepare_batch")
@@ -76,3 +79,12 @@ def gptq_count_compressed(gptq: Any) -> None:
 def mark_save_wrapped(fn) -> None:
     """llm-compressor wraps ``model.save_pretrained`` unless the function carries ``_overridden``."""
     fn._overridden = True
+
+
+def repack_experts(model: torch.nn.Module) -> list[str]:
+    """Pack llm-compressor's linearized experts back into the model's fused experts modules (so
+    ``save_pretrained`` writes the architecture's own checkpoint layout); the names repacked."""
+    names = [name for name, _ in _get_linearized_moes(model)]
+    if names:
+        _repack_moe(model)
+    return names

@@ -28,10 +28,12 @@ __all__ = ["InputNormStats", "InputMomentStats", "HessianStats", "CalibStats", "
 
 
 def _tokens(inp: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
-    """(tokens x features float32 on ``device``, number of samples) of a layer input."""
+    """(tokens x features float32 on ``device``, number of samples) of a layer input. An input
+    with no token (an expert the router sent nothing) counts as no sample."""
     if inp.dim() == 2:
         inp = inp.unsqueeze(0)
-    return inp.detach().reshape(-1, inp.shape[-1]).to(device, torch.float32), inp.shape[0]
+    x = inp.detach().reshape(-1, inp.shape[-1]).to(device, torch.float32)
+    return x, (inp.shape[0] if x.shape[0] else 0)
 
 
 class InputNormStats:
@@ -99,6 +101,8 @@ class HessianStats:
 
     def update(self, inp: torch.Tensor) -> None:
         x, batch = _tokens(inp, self.H.device)
+        if not batch:
+            return
         self.H.mul_(self.num_samples / (self.num_samples + batch))
         self.num_samples += batch
         x = x * (2.0 / self.num_samples) ** 0.5

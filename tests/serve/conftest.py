@@ -51,6 +51,25 @@ def prune(d: Path, recipe: str) -> Path:
     return out
 
 
+def prune_moe(d: Path, arch: str) -> Path:
+    """A tiny MoE (head_dim 64) built and pruned 2:4 by `crepe prune` in the compress env."""
+    calib = SHARED / "wikitext2" / "wiki.valid.tokens.txt"
+    dense, out = d / f"tiny-{arch}", d / f"tiny-{arch}-2of4"
+    if not (dense / "config.json").exists():
+        subprocess.run(
+            [COMPRESS_PY, "-c", "from crepe_plugin.testing import save_tiny_moe as s; "
+             f"s({str(dense)!r}, arch={arch!r}, hidden=128, heads=2, kv_heads=1, intermediate=128)"],
+            check=True,
+        )  # fmt: skip
+    if not (out / "config.json").exists():
+        subprocess.run(
+            [COMPRESS_PY, "-m", "crepe_plugin.cli", "prune", str(dense), "--recipe", str(ROOT / "recipes" / "crepe_2of4.yaml"),
+             "--calib", str(calib), "--out", str(out), "--num-samples", "8", "--seqlen", "64"],
+            check=True,
+        )  # fmt: skip
+    return out
+
+
 def check(path: Path, *extra: str, env: dict | None = None) -> tuple[dict | None, subprocess.CompletedProcess]:
     """`python -m crepe_plugin.vllm.check PATH --json ...` in a fresh process: its RESULT and the run."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
