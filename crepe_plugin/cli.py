@@ -197,8 +197,8 @@ def _one_line(e: Exception) -> str:
 
         if isinstance(e, ValidationError):
             err = e.errors()[0]
-            loc = ".".join(str(x) for x in err.get("loc", ())) or e.title
-            return f"{e.title}: {loc}: {err['msg']}"
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            return f"{e.title}: {loc}: {err['msg']}" if loc else f"{e.title}: {err['msg']}"
     except ImportError:
         pass
     return " ".join(str(e).split())

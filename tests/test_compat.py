@@ -91,3 +91,19 @@ def test_vllm_entry_point_never_imports_llmcompressor():
         "print('ok')"
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_the_architecture_map_names_every_module():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "architecture.md").read_text()
+    pkg = root / "crepe_plugin"
+    missing = []
+    for f in sorted(pkg.rglob("*.py")):
+        if f.name == "__init__.py":
+            continue
+        rel = f.relative_to(pkg).as_posix()
+        if not any(f"`{x}`" in text for x in (rel, f.name, f.stem)):
+            missing.append(rel)
+    assert not missing, missing
