@@ -1,8 +1,8 @@
 """crepe-plugin: CRePE / RIA post-training pruning for llm-compressor recipes.
 
 ``import crepe_plugin`` is cheap: it imports neither torch nor llm-compressor. The public names
-below load on first use, and the modifiers register with llm-compressor's ModifierFactory as soon
-as llm-compressor is imported (before or after this package; see ``_registration``). The serving
+below load on first use, and the modifiers register with llm-compressor's ModifierFactory on its
+first use, whether llm-compressor is imported before or after this package (``_registration``). The serving
 side (``crepe_plugin.vllm``) never imports llm-compressor.
 """
 

@@ -74,8 +74,9 @@ def test_import_crepe_plugin_is_cheap_and_registers_on_llmcompressor_import():
     r = _run(
         "import sys, crepe_plugin\n"
         "assert 'torch' not in sys.modules and 'llmcompressor' not in sys.modules, sorted(sys.modules)[:5]\n"
-        "from llmcompressor.modifiers import ModifierFactory\n"
-        "assert 'CRePEPruningModifier' in ModifierFactory._registered_registry\n"
+        "from llmcompressor.recipe import Recipe\n"
+        "r = Recipe.create_instance(\"s_stage:\\n  s_modifiers:\\n    CRePEPruningModifier:\\n      mask_structure: '2:4'\\n\")\n"
+        "assert type(r.modifiers[0]).__name__ == 'CRePEPruningModifier'\n"
         "print('ok')"
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

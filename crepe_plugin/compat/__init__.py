@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 
-__all__ = ["UpstreamError", "installed_version", "resolve"]
+__all__ = ["UpstreamError", "installed_version", "resolve", "resolver"]
 
 
 class UpstreamError(ImportError):
@@ -45,3 +45,8 @@ def resolve(dist: str, module: str, attr: str | None = None, pinned: str = ""):
             f"crepe-plugin needs {where} from {dist}, which the installed {dist} {installed_version(dist)} "
             f"does not provide ({type(e).__name__}: {e}); crepe-plugin is tested with {dist} {pinned or 'as pinned'}"
         ) from e
+
+
+def resolver(dist: str, pinned: str):
+    """``resolve`` bound to one host package: ``get(module, attr)``."""
+    return lambda module, attr: resolve(dist, module, attr, pinned)

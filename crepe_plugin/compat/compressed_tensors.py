@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from . import resolve
+from . import resolver
 
 _DIST, _PIN = "compressed-tensors", "0.19.0"
-
-
-def _get(module: str, attr: str):
-    return resolve(_DIST, module, attr, _PIN)
+_get = resolver(_DIST, _PIN)
 
 
 # module matching, as llm-compressor's targets/ignore lists

@@ -11,13 +11,10 @@ from typing import Any
 
 import torch
 
-from . import UpstreamError, installed_version, resolve
+from . import UpstreamError, installed_version, resolver
 
 _DIST, _PIN = "llmcompressor", "0.14.0.1"
-
-
-def _get(module: str, attr: str):
-    return resolve(_DIST, module, attr, _PIN)
+_get = resolver(_DIST, _PIN)
 
 
 Modifier = _get("llmcompressor.modifiers", "Modifier")

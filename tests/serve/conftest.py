@@ -26,6 +26,11 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serve")
 
 
+def _compress(*args: str) -> None:
+    """Run python in the compression environment (building models, `crepe prune`)."""
+    subprocess.run([COMPRESS_PY, *args], check=True)
+
+
 def prune(d: Path, recipe: str) -> Path:
     """Build the tiny model once and run one recipe through `crepe prune` in the compress env
     (once per recipe and session)."""
@@ -35,19 +40,12 @@ def prune(d: Path, recipe: str) -> Path:
         calib.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     if not (d / "tiny").exists():
         # head_dim 64: a size every vLLM CPU attention backend takes
-        subprocess.run(
-            [COMPRESS_PY, "-c", "from crepe_plugin.testing import save_tiny_llama as s; "
-             f"s({str(d / 'tiny')!r}, hidden=128, heads=2, kv_heads=1, intermediate=256)"],
-            check=True,
-        )  # fmt: skip
+        _compress("-c", "from crepe_plugin.testing import save_tiny_llama as s; "
+                  f"s({str(d / 'tiny')!r}, hidden=128, heads=2, kv_heads=1, intermediate=256)")  # fmt: skip
     out = d / Path(recipe).stem
     if not (out / "config.json").exists():
-        subprocess.run(
-            [COMPRESS_PY, "-m", "crepe_plugin.cli", "prune", str(d / "tiny"), "--recipe",
-             str(ROOT / "recipes" / recipe), "--calib", str(calib), "--out", str(out),
-             "--num-samples", "8", "--seqlen", "64"],
-            check=True,
-        )  # fmt: skip
+        _compress("-m", "crepe_plugin.cli", "prune", str(d / "tiny"), "--recipe", str(ROOT / "recipes" / recipe),
+                  "--calib", str(calib), "--out", str(out), "--num-samples", "8", "--seqlen", "64")  # fmt: skip
     return out
 
 
@@ -56,17 +54,11 @@ def prune_moe(d: Path, arch: str) -> Path:
     calib = SHARED / "wikitext2" / "wiki.valid.tokens.txt"
     dense, out = d / f"tiny-{arch}", d / f"tiny-{arch}-2of4"
     if not (dense / "config.json").exists():
-        subprocess.run(
-            [COMPRESS_PY, "-c", "from crepe_plugin.testing import save_tiny_moe as s; "
-             f"s({str(dense)!r}, arch={arch!r}, hidden=128, heads=2, kv_heads=1, intermediate=128)"],
-            check=True,
-        )  # fmt: skip
+        _compress("-c", "from crepe_plugin.testing import save_tiny_moe as s; "
+                  f"s({str(dense)!r}, arch={arch!r}, hidden=128, heads=2, kv_heads=1, intermediate=128)")  # fmt: skip
     if not (out / "config.json").exists():
-        subprocess.run(
-            [COMPRESS_PY, "-m", "crepe_plugin.cli", "prune", str(dense), "--recipe", str(ROOT / "recipes" / "crepe_2of4.yaml"),
-             "--calib", str(calib), "--out", str(out), "--num-samples", "8", "--seqlen", "64"],
-            check=True,
-        )  # fmt: skip
+        _compress("-m", "crepe_plugin.cli", "prune", str(dense), "--recipe", str(ROOT / "recipes" / "crepe_2of4.yaml"),
+                  "--calib", str(calib), "--out", str(out), "--num-samples", "8", "--seqlen", "64")  # fmt: skip
     return out
 
 
