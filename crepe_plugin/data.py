@@ -224,3 +224,43 @@ def calibration_dataset(source: str, tokenizer, num_samples: int, seqlen: int, s
     rows = [ids[s : s + seqlen] for s in starts]
     logger.info(f"calibration: {num_samples} x {seqlen} tokens from {source} ({len(ids)} tokens)")
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seqlen for _ in rows]})
+
+
+def image_text_dataset(source: str, processor, num_samples: int, seed: int = 0):
+    """Image+text calibration for a vision-language model, or None when ``source`` is not a
+    dataset carrying images (then calibrate on text: ``calibration_dataset``).
+
+    ``source``: a local dataset (``save_to_disk`` folder or data files) or a hub dataset with an
+    ``image`` column and, optionally, a ``text`` column. Each calibration sample is the
+    processor's output for the image token followed by the text, and the image (its
+    ``input_ids``, ``attention_mask``, ``pixel_values``...), as llm-compressor's multimodal
+    examples feed ``oneshot``; ``collate_one`` batches it."""
+    from datasets import Dataset
+
+    p = Path(split_source(source)[0])
+    if p.is_file() and p.suffix in (".txt", ".raw", ".tokens", ".md"):
+        return None
+    try:
+        ds = _load_dataset(source, "train")
+    except (FileNotFoundError, ValueError):
+        return None
+    if "image" not in getattr(ds, "column_names", []):
+        return None
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    order = random.Random(seed).sample(range(len(ds)), min(num_samples, len(ds)))
+    if len(order) < num_samples:
+        logger.warning(f"calibration source {source!r} holds {len(ds)} images, fewer than the {num_samples} requested")
+    rows = []
+    for i in order:
+        row = ds[i]
+        out = processor(text=image_token + (row.get("text") or ""), images=row["image"], return_tensors="pt")
+        rows.append({k: v[0].tolist() for k, v in out.items()})
+    logger.info(f"calibration: {len(rows)} image+text samples from {source}")
+    return Dataset.from_list(rows)
+
+
+def collate_one(batch: list[dict]) -> dict:
+    """One image+text sample as model inputs (batch size 1: samples differ in length)."""
+    import torch
+
+    return {k: torch.tensor([v], dtype=torch.float32 if k == "pixel_values" else None) for k, v in batch[0].items()}

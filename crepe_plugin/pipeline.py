@@ -219,11 +219,10 @@ def prune(
     """Run oneshot and save to ``out`` atomically; the result is verified before it is kept."""
     from llmcompressor import oneshot
 
-    from .models import load_processor, model_class, text_tokenizer
-
-    from .data import calibration_dataset
     from .checkpoint.save import save_pruned
     from .checkpoint.verify import verify_checkpoint
+    from .data import calibration_dataset, collate_one, image_text_dataset
+    from .models import is_vision_language, load_processor, model_class, text_tokenizer
 
     r = load_recipe(recipe)
     model = resolve_model(model)
@@ -237,12 +236,14 @@ def prune(
         limit = getattr(AutoConfig.from_pretrained(model).get_text_config(), "max_position_embeddings", None)
     except (OSError, ValueError):
         limit = None
-    ds = calibration_dataset(calib, tok, num_samples, seqlen, seed, max_positions=limit)
+    images = image_text_dataset(calib, processor, num_samples, seed) if is_vision_language(model) else None
+    ds = images if images is not None else calibration_dataset(calib, tok, num_samples, seqlen, seed, max_positions=limit)
     with atomic_output(out, overwrite) as tmp:
         t0 = time.perf_counter()
         loaded = model_class(model).from_pretrained(model, dtype="auto")
-        pruned = oneshot(model=loaded, processor=processor, dataset=ds, recipe=r, num_calibration_samples=num_samples,
-                         max_seq_length=seqlen, save_compressed=save_compressed)  # fmt: skip
+        extra = {} if images is None else {"data_collator": collate_one}
+        pruned = oneshot(model=loaded, processor=processor, dataset=ds, recipe=r, num_calibration_samples=len(ds),
+                         max_seq_length=seqlen, save_compressed=save_compressed, **extra)  # fmt: skip
         seconds = time.perf_counter() - t0
         renamed = save_pruned(pruned, processor, tmp, save_compressed)
         if renamed:

@@ -142,7 +142,8 @@ def save_tiny_llava(path: str | Path, hidden: int = 64, layers: int = 2, seed: i
     model = LlavaForConditionalGeneration(cfg)
     _heavy_tails(model)
     processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                               tokenizer=tok, patch_size=8, vision_feature_select_strategy="default")  # fmt: skip
+                               tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1)  # CLIP adds a CLS token  # fmt: skip
     path = Path(path)
     model.save_pretrained(path)
     processor.save_pretrained(path)

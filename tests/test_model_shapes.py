@@ -135,3 +135,63 @@ def test_vision_language_model_prunes_its_language_model_only(tmp_path, calib_fi
     assert main(["verify", str(out), "--require-record"]) == 0
     assert main(["eval", str(out), "--text", str(calib_file), "--seqlen", "32", "--max-segments", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] > 1
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_channel_permutation_folds_through_every_expert(arch, tmp_path, calib_file):
+    """ChannelPermutationModifier on a MoE permutes each expert's down_proj inputs through its own
+    gate/up rows: with the pruner told to keep every layer dense, the permuted model computes
+    exactly what the dense one does, and every expert was permuted."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from crepe_plugin.data import calibration_dataset
+    from crepe_plugin.testing import save_tiny_moe
+
+    path = save_tiny_moe(tmp_path / "m", arch=arch)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([tok("The tower is 324 metres tall.")["input_ids"]])
+    with torch.no_grad():
+        before = model(ids).logits
+    recipe = ("s_stage:\n  s_modifiers:\n    ChannelPermutationModifier:\n      layers: ['down_proj']\n"
+              "    CRePEPruningModifier:\n      mask_structure: '2:4'\n      sparsity: {default: 0.0}\n")  # fmt: skip
+    oneshot(model=model, tokenizer=tok, dataset=calibration_dataset(str(calib_file), tok, 4, 64), recipe=recipe,
+            num_calibration_samples=4, max_seq_length=64)  # fmt: skip
+    with torch.no_grad():
+        after = model(ids).logits
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4), (before - after).abs().max()
+    gains = model.config.crepe_sparsity["permuted"]["kept_importance_gain"]
+    assert sorted(n for n in gains if ".experts." in n) == sorted(
+        f"model.layers.{i}.mlp.experts.{e}.down_proj" for i in range(2) for e in range(4))  # fmt: skip
+    assert all(g >= 0 for g in gains.values())
+
+
+def test_vision_language_model_calibrates_on_images_and_text(tmp_path, calib_file):
+    """--calib naming a dataset with an `image` column calibrates on the processor's image+text
+    inputs (the image tokens reach the language model), and prunes the same layers."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from crepe_plugin.data import image_text_dataset
+    from crepe_plugin.models import load_processor
+    from crepe_plugin.testing import save_tiny_llava
+
+    dense = save_tiny_llava(tmp_path / "llava")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    datasets.Dataset.from_dict({"image": images, "text": ["a tower", "a bridge", "a river", "a field"]}).save_to_disk(
+        str(tmp_path / "images"))  # fmt: skip
+    proc = load_processor(str(dense))
+    rows = image_text_dataset(str(tmp_path / "images"), proc, 4)
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert len(rows) == 4 and all(r["input_ids"].count(image_id) == 16 for r in rows)  # (32 / 8)^2 patches
+    assert "pixel_values" in rows.column_names
+    assert image_text_dataset(str(calib_file), proc, 4) is None  # a text file: text calibration
+    out = tmp_path / "llava-2of4"
+    assert main(["prune", str(dense), "--recipe", str(ROOT / "recipes" / "crepe_2of4.yaml"), "--calib",
+                 str(tmp_path / "images"), "--out", str(out), "--num-samples", "4", "--seqlen", "64"]) == 0  # fmt: skip
+    record = json.loads((out / "config.json").read_text())["crepe_sparsity"]["modules"]
+    assert len(record) == 2 * 7 and all("language_model." in n for n in record)
+    assert main(["verify", str(out), "--require-record"]) == 0
