@@ -195,3 +195,22 @@ def test_vision_language_model_calibrates_on_images_and_text(tmp_path, calib_fil
     record = json.loads((out / "config.json").read_text())["crepe_sparsity"]["modules"]
     assert len(record) == 2 * 7 and all("language_model." in n for n in record)
     assert main(["verify", str(out), "--require-record"]) == 0
+
+
+def test_verify_reads_a_fused_experts_tensor_per_expert(tmp_path, capsys):
+    """An architecture that saves its experts fused, (experts, out, in) under one name: the
+    record names the tensor, verify checks N:M along `in` for every expert and names a broken one."""
+    from safetensors.torch import save_file
+
+    w = torch.sign(torch.randn(4, 8, 16)) * (1 + torch.rand(4, 8, 16))
+    w.view(4, 8, -1, 4)[..., :2] = 0
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"crepe_sparsity": {"method": "crepe", "structure": "2:4", "modules": {name: {"structure": "2:4"}}}}))  # fmt: skip
+    save_file({name: w, "model.layers.0.mlp.gate.weight": torch.randn(4, 16)}, tmp_path / "model.safetensors")
+    assert main(["verify", str(tmp_path), "--require-record"]) == 0
+    assert "OK: 1 recorded layers" in capsys.readouterr().out
+    w[3, 0, :4] = 1.0  # expert 3, row 0: a full group
+    save_file({name: w, "model.layers.0.mlp.gate.weight": torch.randn(4, 16)}, tmp_path / "model.safetensors")
+    assert main(["verify", str(tmp_path)]) == 1
+    assert f"layer '{name}' is recorded as 2:4 but 1 groups violate it" in capsys.readouterr().err
