@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..core import PruningError, parse_structure
 from .config import SearchConfig
-from .report import write_report
+from .report import write_atomic, write_report
 from .search import run_search
 from .session import FIXED_DEFAULT, build_evaluator, load_session, stats_meta
 
@@ -88,7 +88,7 @@ def search(
                   model=str(model), calib=str(calib), num_samples=num_samples, seqlen=seqlen, seed=seed,
                   scope=scope, ignore=list(ignore))  # fmt: skip
     if out is not None:
-        (out / f"best_{cfg.proxy}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / f"recipe_{cfg.proxy}.yaml").write_text(recipe_yaml(result, structure, sparsity))
+        write_atomic(out / f"best_{cfg.proxy}.json", json.dumps(result, indent=2) + "\n")
+        write_atomic(out / f"recipe_{cfg.proxy}.yaml", recipe_yaml(result, structure, sparsity))
         write_report(out)
     return result
