@@ -101,9 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--calib", required=True, help="text file, local dataset dir, or hub dataset 'name[:config]'")
     se.add_argument("--structure", default="2:4", help="N:M, or 0:0 for unstructured (then give --sparsity)")
     se.add_argument("--sparsity", type=float, default=None)
-    se.add_argument("--scope", default="matrix", choices=["matrix", "row"], help="unstructured only")
-    se.add_argument("--ignore", nargs="+", default=["lm_head"],
-                    help="layers left out: name suffixes or 're:' regexes (default: lm_head)")  # fmt: skip
+    se.add_argument("--scope", default=None, choices=["matrix", "row"], help="unstructured only (default: row, the modifier's)")
+    se.add_argument("--ignore", nargs="+", default=[],
+                    help="layers left out besides the modifier's default ignores (lm_head, MoE routers, vision "
+                         "tower and projector): name suffixes or 're:' regexes")  # fmt: skip
     se.add_argument("--trials", type=int, default=60, help="finished trials the study should hold (resumes)")
     se.add_argument("--proxy", default="energy", choices=PROXY_NAMES)
     se.add_argument("--sampler", default=None, choices=["cmaes", "hillclimb", "random"])

@@ -8,11 +8,11 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from loguru import logger
+
+from .core.files import atomic_write
 
 __all__ = ["cache_dir", "smollm2_path", "gemma3_path", "SMOLLM2_GGUF", "is_vision_language", "model_class", "load_processor", "text_tokenizer"]
 
@@ -75,15 +75,12 @@ def _rebuild(gguf: Path, out: Path, bos: bool = False) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"{out.name} rebuild mismatch: missing {missing}, unexpected {unexpected}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write(out, write)
     logger.info(f"{out.name} saved to {out}")
     return out
 

@@ -65,7 +65,8 @@ def load_recipe(recipe):
     or with keys llm-compressor would silently ignore (``check_recipe_dict``)."""
     from . import modifiers  # noqa: F401  (registers our modifiers with llm-compressor)
     import yaml
-    from llmcompressor.recipe import Recipe
+
+    from .compat.llmcompressor import UnknownModifierError, create_recipe
 
     if isinstance(recipe, (str, Path)):
         text_given = "\n" in str(recipe) or (isinstance(recipe, str) and str(recipe).lstrip().startswith("{"))
@@ -79,15 +80,10 @@ def load_recipe(recipe):
             raise RecipeError(f"recipe {where} is not valid YAML: {' '.join(str(e).split())}") from None
         check_recipe_dict(obj, where)
     try:
-        r = Recipe.create_instance(str(recipe) if isinstance(recipe, Path) else recipe)
-    except ValueError as e:
-        msg = " ".join(str(e).split())
-        if "No modifier" in msg or "not found" in msg.lower() or "registered" in msg.lower():
-            from llmcompressor.modifiers import ModifierFactory
-
-            names = sorted(ModifierFactory._registered_registry)
-            raise RecipeError(f"recipe {recipe!s:.200}: {msg}; registered out-of-tree modifiers: {', '.join(names)}") from None
-        raise
+        r = create_recipe(str(recipe) if isinstance(recipe, Path) else recipe)
+    except UnknownModifierError as e:
+        names = ", ".join(e.registered)
+        raise RecipeError(f"recipe {recipe!s:.200}: {e.message}; registered out-of-tree modifiers: {names}") from None
     if not r.modifiers:
         raise RecipeError(
             f"recipe {recipe!s:.200} yields no modifier: llm-compressor only reads top-level keys "

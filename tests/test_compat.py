@@ -15,35 +15,86 @@ def test_every_llmcompressor_and_compressed_tensors_name_resolves():
     import crepe_plugin.compat.torch as tc
 
     for mod, names in [
-        (ct, ["match_named_modules", "match_targets", "getattr_chain", "align_module_device", "get_execution_device",
+        (ct, ["is_match", "match_named_modules", "getattr_chain", "align_module_device", "get_execution_device",
               "update_offload_parameter", "disable_offloading", "QuantizationStrategy", "fake_quantize"]),
-        (lc, ["Modifier", "ModifierFactory", "Event", "State", "GPTQModifier", "QuantizationMixin", "SparseGPTModifier",
-              "SparsityModifierBase", "column_scale_window", "prepare_batch", "update_batch_qparams"]),
+        (lc, ["Recipe", "Modifier", "ModifierFactory", "Event", "State", "GPTQModifier", "QuantizationMixin",
+              "SparseGPTModifier", "SparsityModifierBase", "column_scale_window", "prepare_batch", "update_batch_qparams"]),
         (tc, ["cslt_compress", "cslt_sparse_mm", "cslt_sparse_mm_search"]),
     ]:  # fmt: skip
         for name in names:
             assert callable(getattr(mod, name)), (mod.__name__, name)
-    assert lc.recipe_modifiers() == [] or isinstance(lc.recipe_modifiers(), list)
+
+
+def test_recipe_modifiers_are_the_running_recipe_in_order():
+    """What the recipe-order guards read: inside a running recipe, its modifiers in order."""
+    import crepe_plugin.compat.llmcompressor as lc
+    from llmcompressor.core import active_session
+
+    from crepe_plugin.testing import tiny_llama
+
+    seen = []
+
+    class Probe(lc.Modifier):
+        def on_initialize(self, state, **kwargs):
+            seen.append(lc.recipe_modifiers())
+            return True
+
+    a, b = Probe(), Probe()
+    session = active_session()
+    session.reset()
+    try:
+        assert lc.recipe_modifiers() == []  # no recipe running
+        session.initialize(recipe=[a, b], model=tiny_llama(layers=1))
+    finally:
+        session.reset()
+    assert len(seen) == 2 and all(len(mods) == 2 and mods[0] is a and mods[1] is b for mods in seen)
 
 
 def test_the_wrapped_internals_behave_as_the_plugin_expects(tiny_model_dir):
-    """GPTQ's per-module state and the sequential targets, on a real model and modifier."""
+    """GPTQ's per-module state (what mask-preserving GPTQ reads) during a real oneshot, and the
+    sequential targets, on a real model."""
     import crepe_plugin.compat.llmcompressor as lc
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    from crepe_plugin.testing import tiny_llama, tiny_tokenizer
+
+    from .conftest import calib_dataset
+
+    assert set(lc.sequential_layer_targets(tiny_llama(layers=1), None)) == {"LlamaDecoderLayer"}
+    seen = {}
+
+    class Spy(lc.GPTQModifier):
+        def compress_module_list(self, module_list):
+            for module in module_list:
+                name, hessians, counts = lc.gptq_module_state(self, module)
+                seen[name] = (tuple(hessians[module].shape), int(counts[module]), module.weight.shape[1])
+            return super().compress_module_list(module_list)
+
+    oneshot(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer=tiny_tokenizer(), dataset=calib_dataset(2),
+            recipe=[Spy(scheme="W8A8", targets=["Linear"], ignore=["lm_head"])], num_calibration_samples=2,
+            max_seq_length=64)  # fmt: skip
+    linears = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.k_proj",
+               "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
+    assert sorted(seen) == sorted(linears)
+    assert all(shape == (cols, cols) and count == 2 for shape, count, cols in seen.values())
+
+
+def test_a_save_marked_as_wrapped_is_not_wrapped_again():
+    """``mark_save_wrapped``: llm-compressor's save wrapper leaves our record-keeping save in place."""
+    from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
+
+    from crepe_plugin.checkpoint.save import keep_record_on_save
     from crepe_plugin.testing import tiny_llama
 
     model = tiny_llama(layers=1)
-    assert set(lc.sequential_layer_targets(model, None)) == {"LlamaDecoderLayer"}
-    gptq = lc.GPTQModifier(scheme="W4A16", targets=["Linear"])
-    lin = model.model.layers[0].mlp.up_proj
-    gptq._module_names[lin] = "up"
-    name, hessians, counts = lc.gptq_module_state(gptq, lin)
-    assert name == "up" and hessians is gptq._hessians and counts is gptq._num_samples
-
-    def f():
-        pass
-
-    lc.mark_save_wrapped(f)
-    assert f._overridden is True
+    plain = model.save_pretrained
+    modify_save_pretrained(model)
+    assert model.save_pretrained != plain  # an unmarked save is wrapped
+    keep_record_on_save(model)  # ours, around llm-compressor's, marked
+    ours = model.save_pretrained
+    modify_save_pretrained(model)
+    assert model.save_pretrained is ours
 
 
 def test_a_missing_name_names_the_installed_version():

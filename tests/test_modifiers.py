@@ -1,6 +1,7 @@
 """CRePEPruningModifier / RIAPruningModifier through llm-compressor's real oneshot."""
 
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -256,13 +257,31 @@ def test_adaptive_mask_selection_needs_reconstruction():
 
 
 def test_defaults_are_the_searched_ones_per_structure():
+    """One resolved configuration per modifier: unset fields take the structure's shipped default,
+    set ones win, and the object is built once (not per access)."""
     from crepe_plugin.core import CREPE_DEFAULTS
 
     nm = CRePEPruningModifier(mask_structure="2:4")
-    assert nm.crepe_config == CRePEConfig(**CREPE_DEFAULTS["nm"]) and not nm.crepe_config.is_ria
+    assert nm.crepe_config == CREPE_DEFAULTS["nm"] and not nm.crepe_config.is_ria
+    assert nm.row_coef is None and nm.crepe_config is nm.crepe_config is nm.prune_config.score
     un = CRePEPruningModifier(mask_structure="0:0", sparsity=0.5)
-    expected = {k: v for k, v in CREPE_DEFAULTS["unstructured"].items() if k != "scope"}
-    assert un.crepe_config == CRePEConfig(**expected) and un.scope == CREPE_DEFAULTS["unstructured"]["scope"]
-    assert CRePEPruningModifier(mask_structure="2:4", row_coef=1.25).row_coef == 1.25  # a recipe value wins
+    assert un.crepe_config == CREPE_DEFAULTS["unstructured"] and un.prune_config.scope == "row"
+    one = CRePEPruningModifier(mask_structure="2:4", row_coef=1.25)  # a recipe value wins, the rest stay default
+    assert one.crepe_config == CREPE_DEFAULTS["nm"].override(row_coef=1.25)
     assert RIAPruningModifier(mask_structure="2:4").crepe_config == RIA_CONFIG
-    assert RIAPruningModifier(mask_structure="0:0", sparsity=0.5).scope == "matrix"
+    assert RIAPruningModifier(mask_structure="0:0", sparsity=0.5).prune_config.scope == "matrix"
+    with pytest.raises(ValidationError, match="both 0"):  # refused when the recipe is parsed
+        CRePEPruningModifier(mask_structure="2:4", row_coef=0.0, col_coef=0.0)
+
+
+def test_docstring_yaml_shows_the_shipped_defaults():
+    import re
+
+    import yaml
+
+    from crepe_plugin.core import CREPE_DEFAULTS
+
+    block = re.search(r"```yaml\n(.*?)```", CRePEPruningModifier.__doc__, re.S).group(1)
+    args = yaml.safe_load(textwrap.dedent(block))["sparsity_stage"]["sparsity_modifiers"]["CRePEPruningModifier"]
+    assert set(CRePEConfig.model_fields) <= set(args)  # every coefficient is shown
+    assert CRePEPruningModifier(**args).crepe_config == CREPE_DEFAULTS["nm"]

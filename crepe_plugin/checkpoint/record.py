@@ -38,13 +38,36 @@ class ModuleRecord(BaseModel):
 
 
 class Record(BaseModel):
-    """The ``crepe_sparsity`` record, read as pure data (never executed, never trusted)."""
+    """The ``crepe_sparsity`` record, read as pure data (never executed, never trusted).
+
+    ``config`` holds the pruner's resolved configuration (``CRePEPruningModifier.prune_config``):
+    the score's coefficients, read back as the ``CRePEConfig`` they were (``score_config``), the
+    scope and the reconstruction settings."""
 
     model_config = ConfigDict(extra="allow")
     format: int | None = None
     method: str | None = None
     structure: str | None = None
     modules: dict[str, ModuleRecord] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _score_config(v)  # refuses coefficients no pruner could have used
+        return v
+
+    @property
+    def score_config(self):
+        """The score's coefficients as a ``core.CRePEConfig``, or None for a record without them."""
+        return _score_config(self.config)
+
+
+def _score_config(config: dict[str, Any]):
+    from ..core.config import CRePEConfig
+
+    coefs = {k: config[k] for k in CRePEConfig.model_fields if k in config}
+    return CRePEConfig(**coefs) if coefs else None
 
 
 def parse_record(data: Any) -> Record:

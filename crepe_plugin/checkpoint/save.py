@@ -15,12 +15,12 @@
 from __future__ import annotations
 
 import json
-import os
 from functools import wraps
 from pathlib import Path
 
 import torch
 
+from ..core.files import atomic_write
 from .record import RECORD_KEY
 
 __all__ = ["keep_record_on_save", "write_record", "save_pruned", "weight_fingerprint", "rename_by_content"]
@@ -32,11 +32,7 @@ def write_record(save_dir: str | Path, record: dict) -> None:
     with open(path) as f:
         data = json.load(f)
     data[RECORD_KEY] = record
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def keep_record_on_save(model: torch.nn.Module) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..core.config import CRePEConfig
 from ..core.masks import parse_structure, zero_mask_nm_violations
 from .record import RECORD_KEY, parse_record
 
@@ -48,6 +49,7 @@ class VerifyReport:
     path: Path
     record: dict | None
     check_structure: tuple[int, int] | None
+    config: CRePEConfig | None = None  # the coefficients the record says the layers were pruned with
     layers: list[LayerReport] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -197,7 +199,8 @@ def verify_checkpoint(path: str | Path, structure: str | None = None, require_re
         if absent:
             raise CheckpointError(f"{path}: {len(absent)} tensors listed in the index are missing, e.g. {absent[0]}")
 
-    report = VerifyReport(path=path, record=record, check_structure=parse_structure(structure or "2:4"))
+    report = VerifyReport(path=path, record=record, check_structure=parse_structure(structure or "2:4"),
+                          config=parsed.score_config if parsed else None)  # fmt: skip
     try:
         handles = {f: safe_open(str(path / f), framework="pt") for f in files}
     except Exception as e:  # noqa: BLE001 - safetensors' own reader refused a file

@@ -8,9 +8,9 @@ _DIST, _PIN = "compressed-tensors", "0.19.0"
 _get = resolver(_DIST, _PIN)
 
 
-# module matching, as llm-compressor's targets/ignore lists
+# module matching, as llm-compressor's targets/ignore lists (``crepe_plugin.selection`` reads them with is_match)
+is_match = _get("compressed_tensors.utils", "is_match")
 match_named_modules = _get("compressed_tensors.utils", "match_named_modules")
-match_targets = _get("compressed_tensors.utils", "match_targets")
 getattr_chain = _get("compressed_tensors.utils", "getattr_chain")
 # offload-aware weight access
 align_module_device = _get("compressed_tensors.utils", "align_module_device")

@@ -1,8 +1,9 @@
 """llm-compressor names the plugin uses (tested with llmcompressor 0.14.0.1).
 
 Beyond plain imports, the internals the plugin leans on are wrapped in small functions here:
-the active recipe's modifiers, the sequential targets, GPTQ's per-module state, and the flag that
-stops llm-compressor from wrapping ``save_pretrained`` a second time.
+the active recipe's modifiers, the sequential targets, GPTQ's per-module state, the flag that
+stops llm-compressor from wrapping ``save_pretrained`` a second time, and recipe creation (an
+unknown modifier recognised by its error text, with the factory's registered names).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ _DIST, _PIN = "llmcompressor", "0.14.0.1"
 _get = resolver(_DIST, _PIN)
 
 
+Recipe = _get("llmcompressor.recipe", "Recipe")
 Modifier = _get("llmcompressor.modifiers", "Modifier")
 ModifierFactory = _get("llmcompressor.modifiers", "ModifierFactory")
 Event = _get("llmcompressor.core", "Event")
@@ -41,6 +43,31 @@ def _missing(what: str, e: Exception) -> UpstreamError:
         f"crepe-plugin needs {what} from llmcompressor, which the installed llmcompressor "
         f"{installed_version(_DIST)} does not provide ({type(e).__name__}: {e}); tested with {_PIN}"
     )
+
+
+class UnknownModifierError(ValueError):
+    """A recipe names a modifier llm-compressor does not know; ``registered``: the names it does."""
+
+    def __init__(self, message: str, registered: list[str]):
+        super().__init__(message)
+        self.message, self.registered = message, registered
+
+
+def create_recipe(recipe: Any) -> Any:
+    """``Recipe.create_instance(recipe)``; an unknown modifier name raises UnknownModifierError
+    (recognised by llm-compressor 0.14's message text) with the registered modifier names
+    (``ModifierFactory._registered_registry``)."""
+    try:
+        return Recipe.create_instance(recipe)
+    except ValueError as e:
+        msg = " ".join(str(e).split())
+        if "No modifier" in msg or "not found" in msg.lower() or "registered" in msg.lower():
+            try:
+                names = sorted(ModifierFactory._registered_registry)
+            except AttributeError as missing:
+                raise _missing("ModifierFactory._registered_registry", missing) from missing
+            raise UnknownModifierError(msg, names) from None
+        raise
 
 
 def recipe_modifiers() -> list:

@@ -7,10 +7,11 @@ from .compensation import (
     inverse_hessian_factor,
     refine_fixed_mask,
 )
-from .config import CREPE_DEFAULTS, RIA_CONFIG, CRePEConfig, crepe_defaults
+from .config import CREPE_DEFAULTS, DEFAULT_SCOPE, RIA_CONFIG, CRePEConfig, crepe_defaults, default_scope
 from .errors import CalibrationError, LayerShapeError, NonFiniteError, PruningError
 from .layers import decoder_layer, from_stored_layout, is_conv1d, set_weight, to_stored_layout, weight_out_in
-from .masks import is_nm, nm_mask, nm_violations, parse_structure, prune_mask, unstructured_mask
+from .masks import check_nm_width, is_nm, nm_mask, nm_violations, parse_structure, prune_mask, unstructured_mask
+from .prune import LayerStats, PruneConfig, Reconstruction, layer_mask, prune_layer
 from .scores import crepe_saliency, crepe_scores, neighborhood, relative_importance
 from .stats import CalibStats, HessianStats, InputMomentStats, InputNormStats, gather_stats
 from .allocation import outlier_ratio, owl_sparsities, wanda_importance
@@ -21,6 +22,14 @@ __all__ = [
     "RIA_CONFIG",
     "CREPE_DEFAULTS",
     "crepe_defaults",
+    "DEFAULT_SCOPE",
+    "default_scope",
+    "PruneConfig",
+    "Reconstruction",
+    "LayerStats",
+    "layer_mask",
+    "prune_layer",
+    "check_nm_width",
     "PruningError",
     "LayerShapeError",
     "NonFiniteError",

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .errors import CalibrationError, NonFiniteError, _where
+from .masks import check_nm_width, unstructured_mask
 
 __all__ = ["inverse_hessian_factor", "compensate_fixed_mask", "compensate_adaptive_nm", "compensate_adaptive_unstructured", "refine_fixed_mask", "Saliency"]
 
@@ -91,8 +92,7 @@ def compensate_adaptive_nm(
     """N:M pruning with the mask chosen inside the OBS sweep (as SparseGPT does): each group
     of M inputs is masked when the sweep reaches it, from ``saliency`` of the weights as
     updated by the compensation of the groups before it. Returns (W', mask)."""
-    if weight.shape[1] % m:
-        raise CalibrationError(f"{_where(layer_name)}: input dimension {weight.shape[1]} is not divisible by M={m}")
+    check_nm_width(weight.shape[1], m, layer_name, n=n)
     block_size = max(m, block_size - block_size % m)
     return _obs_sweep(weight, H, None, ("nm", n, m, saliency), dampening_frac, block_size, None, layer_name)
 
@@ -116,20 +116,6 @@ def compensate_adaptive_unstructured(
     return _obs_sweep(weight, H, None, (scope, sparsity, None, saliency), dampening_frac, block_size, None, layer_name)
 
 
-def _block_mask(sc: torch.Tensor, sparsity: float, scope: str) -> torch.Tensor:
-    """True = pruned: the lowest ``sparsity`` of the block (matrix) or of each row (row)."""
-    if scope == "row":
-        k = int(sc.shape[1] * sparsity)
-        mask = torch.zeros_like(sc, dtype=torch.bool)
-        if k:
-            mask.scatter_(1, torch.sort(sc, dim=1, stable=True).indices[:, :k], True)
-        return mask
-    if sparsity <= 0.0:
-        return torch.zeros_like(sc, dtype=torch.bool)
-    # as SparseGPT's code (and RIA's): threshold at the (k+1)-th smallest, k = int(numel * sparsity)
-    return sc <= torch.kthvalue(sc.reshape(-1), int(sc.numel() * sparsity) + 1).values
-
-
 def _obs_sweep(weight, H, mask, adaptive, dampening_frac, block_size, quantize, layer_name):
     W = weight.detach().to(torch.float32).clone()
     rows, cols = W.shape
@@ -148,7 +134,7 @@ def _obs_sweep(weight, H, mask, adaptive, dampening_frac, block_size, quantize, 
         K1 = keep[:, i1:i2]
         Err1 = torch.zeros_like(W1)
         if adaptive is not None and kind != "nm":  # unstructured: the whole block at its start
-            K1.copy_(~_block_mask(saliency(W1, slice(i1, i2), inv_d[i1:i2]), n, kind))
+            K1.copy_(~unstructured_mask(saliency(W1, slice(i1, i2), inv_d[i1:i2]), n, kind, layer_name=layer_name))
         for i in range(i2 - i1):
             if adaptive is not None and kind == "nm" and i % m == 0:
                 cols_g = slice(i1 + i, i1 + i + m)

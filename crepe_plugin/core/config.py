@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["CRePEConfig", "RIA_CONFIG", "CREPE_DEFAULTS", "crepe_defaults", "Coef", "KernelSize", "KernelName", "Border", "NeighborMap"]
+__all__ = ["CRePEConfig", "RIA_CONFIG", "CREPE_DEFAULTS", "DEFAULT_SCOPE", "crepe_defaults", "default_scope", "Coef", "KernelSize", "KernelName", "Border", "NeighborMap"]
 
 
 def _finite(v: float) -> float:
@@ -36,8 +36,9 @@ class CRePEConfig(BaseModel):
     score = (row_coef * |W|/rowsum + col_coef * |W|/colsum + neighbor_coef * N_k(map))
             * ||X_j|| ** act_exponent
 
-    With row_coef = col_coef = 1, neighbor_coef = 0 and act_exponent = 0.5 this is
-    exactly RIA (Zhang et al., ICLR 2024). See docs/method.md for every choice.
+    The field defaults are RIA's point (``RIA_CONFIG``): with row_coef = col_coef = 1,
+    neighbor_coef = 0 and act_exponent = 0.5 this is exactly RIA (Zhang et al., ICLR 2024).
+    The shipped defaults per structure are ``CREPE_DEFAULTS``. See docs/method.md.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -81,36 +82,49 @@ class CRePEConfig(BaseModel):
             and self.act_exponent == 0.5
         )
 
-
-RIA_CONFIG = CRePEConfig(
-    row_coef=1.0, col_coef=1.0, neighbor_coef=0.0, kernel_size=3, kernel="box", act_exponent=0.5, border="mean", neighbor_map="ri"
-)
-"""RIA's point: with these values the score is RIA's bit for bit (RIAPruningModifier)."""
+    def override(self, **given) -> "CRePEConfig":
+        """This config with the ``given`` fields replaced (a ``None`` value keeps the field), validated."""
+        return CRePEConfig(**{**self.model_dump(), **{k: v for k, v in given.items() if v is not None}})
 
 
-# CRePEPruningModifier's defaults, one set per kind of structure. Chosen by
+RIA_CONFIG = CRePEConfig()
+"""RIA's point, the field defaults above: with these values the score is RIA's bit for bit."""
+
+
+# The shipped defaults, one set per kind of structure: what CRePEPruningModifier and `crepe search`
+# use for every field a recipe (or the command line) leaves out. Chosen by
 # benchmarks/tune_defaults.py on SmolLM2-135M and Gemma 3 270M together, by validation
 # perplexity (never the test text): docs/method.md, "Defaults".
-CREPE_DEFAULTS: dict[str, dict] = {
+CREPE_DEFAULTS: dict[str, CRePEConfig] = {
     # 2:4 validation perplexity, every layer pruned from dense statistics: SmolLM2 113.34 and
     # Gemma 237.94, against RIA's 123.93 and 292.74 (benchmarks/results/tune_defaults_2of4.jsonl)
-    "nm": dict(
+    "nm": CRePEConfig(
         row_coef=2.513921, col_coef=2.002273, neighbor_coef=0.203327, kernel_size=3, kernel="gaussian",
         act_exponent=0.855673, border="zero", neighbor_map="ri",
     ),  # fmt: skip
     # 50% validation perplexity, every layer pruned from dense statistics: SmolLM2 37.11 and
     # Gemma 97.35, against Wanda's 37.83 and 113.17 and RIA's (matrix scope) 40.59 and 127.91
     # (benchmarks/results/tune_defaults_unstructured50.jsonl)
-    "unstructured": dict(
+    "unstructured": CRePEConfig(
         row_coef=2.364833, col_coef=1.205908, neighbor_coef=0.012435, kernel_size=3, kernel="gaussian",
-        act_exponent=1.168583, border="zero", neighbor_map="ri", scope="row",
+        act_exponent=1.168583, border="zero", neighbor_map="ri",
     ),  # fmt: skip
 }
+# unstructured masks: one threshold per matrix (RIA's) or per row (Wanda's); N:M ignores it
+DEFAULT_SCOPE: dict[str, str] = {"nm": "matrix", "unstructured": "row"}
 
 
-def crepe_defaults(structure: str) -> dict:
-    """The default coefficients (and, unstructured, the scope) for 'N:M' or '0:0'."""
+def _kind(structure: str) -> str:
     from .masks import parse_structure
 
-    n, _ = parse_structure(structure)
-    return dict(CREPE_DEFAULTS["nm" if n else "unstructured"])
+    return "nm" if parse_structure(structure)[0] else "unstructured"
+
+
+def crepe_defaults(structure: str) -> CRePEConfig:
+    """The shipped default coefficients for 'N:M' or '0:0'."""
+    return CREPE_DEFAULTS[_kind(structure)]
+
+
+def default_scope(structure: str) -> str:
+    """The shipped default scope for 'N:M' or '0:0'."""
+    return DEFAULT_SCOPE[_kind(structure)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .errors import PruningError, _where
+from .masks import check_nm_width
 
 __all__ = ["dsnot_refine", "expected_error"]
 
@@ -48,8 +49,7 @@ def dsnot_refine(
     if mask.shape != weight.shape:
         raise PruningError(f"{_where(layer_name)}: mask {tuple(mask.shape)} does not match weight {tuple(weight.shape)}")
     rows, cols = weight.shape
-    if n and cols % m:
-        raise PruningError(f"{_where(layer_name)}: input dimension {cols} is not divisible by M={m}")
+    check_nm_width(cols, m, layer_name, "DSnoT refines N:M masks within M-groups", n=n)
     w = weight.float()
     mask = mask.clone()
     C = w * mean.float().reshape(1, -1)

@@ -11,7 +11,7 @@ import torch
 
 from .errors import LayerShapeError, PruningError, _where
 
-__all__ = ["parse_structure", "prune_mask", "nm_mask", "unstructured_mask", "nm_violations", "zero_mask_nm_violations", "is_nm"]
+__all__ = ["parse_structure", "check_nm_width", "prune_mask", "nm_mask", "unstructured_mask", "nm_violations", "zero_mask_nm_violations", "is_nm"]
 
 _STRUCT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -31,6 +31,16 @@ def parse_structure(structure: str) -> tuple[int, int]:
     return n, mm
 
 
+def check_nm_width(cols: int, m: int, layer_name: str | None = None, remedy: str = "add this layer to `ignore`",
+                   n: int | None = None) -> None:  # fmt: skip
+    """The one N:M width check: N:M groups need the input dimension to be a multiple of M.
+    Raises LayerShapeError naming the layer and what to do (``remedy``). No-op for ``m`` 0
+    (unstructured); ``n`` only names the structure in the message."""
+    if m and cols % m:
+        what = f" for {n}:{m} sparsity" if n else ""
+        raise LayerShapeError(f"{_where(layer_name)}: input dimension {cols} is not divisible by M={m}{what}; {remedy}")
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int, *, layer_name: str | None = None) -> torch.Tensor:
     """In every row, prune the n lowest scores of each group of m consecutive inputs.
 
@@ -38,11 +48,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, *, layer_name: str | None = No
     index tensors); on exact ties the lower input index is pruned first.
     """
     rows, cols = scores.shape
-    if cols % m:
-        raise LayerShapeError(
-            f"{_where(layer_name)}: input dimension {cols} is not divisible by M={m} "
-            f"for {n}:{m} sparsity; add this layer to `ignore`"
-        )
+    check_nm_width(cols, m, layer_name, n=n)
     if m > 255:
         raise PruningError(f"M={m} is too large (at most 255)")
     planes = scores.reshape(rows, cols // m, m).permute(2, 0, 1)

@@ -17,16 +17,15 @@ from __future__ import annotations
 import torch
 
 from .errors import LayerShapeError, _where
+from .masks import check_nm_width
 
 __all__ = ["kept_importance", "reallocate", "hungarian_refine", "find_permutation", "stacked_head_scores"]
 
 
 def _check(scores: torch.Tensor, m: int, layer_name: str | None) -> None:
-    if scores.dim() != 2 or scores.shape[1] % m:
-        raise LayerShapeError(
-            f"{_where(layer_name)}: {scores.shape[1] if scores.dim() == 2 else '?'} input channels are not "
-            f"divisible by M={m}; it cannot be permuted for N:M"
-        )
+    if scores.dim() != 2:
+        raise LayerShapeError(f"{_where(layer_name)}: expected 2-D scores, got {tuple(scores.shape)}")
+    check_nm_width(scores.shape[1], m, layer_name, "it cannot be permuted for N:M")
 
 
 def kept_importance(scores: torch.Tensor, n: int, m: int) -> float:

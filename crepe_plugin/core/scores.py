@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import CRePEConfig
+from .config import RIA_CONFIG, CRePEConfig
 from .errors import CalibrationError, NonFiniteError, _where
 
 __all__ = ["crepe_scores", "crepe_saliency", "relative_importance", "neighborhood", "window_kernel_1d", "check_finite"]
@@ -135,7 +135,7 @@ def _act_factor(input_sq_norm: torch.Tensor, a: float) -> torch.Tensor:
 def crepe_scores(
     weight: torch.Tensor,
     input_sq_norm: torch.Tensor | None,
-    config: CRePEConfig | None = None,
+    config: CRePEConfig = RIA_CONFIG,
     *,
     layer_name: str | None = None,
 ) -> torch.Tensor:
@@ -148,7 +148,6 @@ def crepe_scores(
         ``act_exponent == 0`` (a data-free score).
     Returns a tensor of ``weight``'s shape in float32 (float64 if the weight is float64).
     """
-    config = config or CRePEConfig()
     if weight.dim() != 2:
         raise ValueError(f"{_where(layer_name)}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -188,9 +187,7 @@ def crepe_scores(
     return ri if act is None else ri.mul_(act)
 
 
-
-
-def crepe_saliency(weight: torch.Tensor, config: CRePEConfig | None = None, *, layer_name: str | None = None):
+def crepe_saliency(weight: torch.Tensor, config: CRePEConfig = RIA_CONFIG, *, layer_name: str | None = None):
     """CRePE's score for a mask chosen inside the OBS sweep (``compensate_adaptive_nm``).
 
     For the group of inputs ``cols`` with current (compensated) weights ``w``:
@@ -200,7 +197,6 @@ def crepe_saliency(weight: torch.Tensor, config: CRePEConfig | None = None, *, l
     ||X_j|| up to a constant, so the factor plays the role of ||X_j|| ** a. With row 1, col 0,
     no neighbourhood and a = 1 the ranking is SparseGPT's (w^2 / U_jj^2).
     """
-    config = config or CRePEConfig()
     w_abs = weight.detach().to(torch.float32).abs()
     if not bool(torch.isfinite(w_abs.sum(dim=0)).all()):
         check_finite(weight, "weight", layer_name)

@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import CalibrationError, _where
+from .files import atomic_write
 from .layers import weight_out_in
 
 __all__ = ["InputNormStats", "InputMomentStats", "HessianStats", "CalibStats", "gather_stats"]
@@ -136,9 +137,7 @@ class CalibStats:
         tensors = {f"norm/{k}": v.contiguous() for k, v in self.sq_norms.items()}
         tensors.update({f"gram/{k}": v.contiguous() for k, v in self.grams.items()})
         meta = {"gram_of": json.dumps(self.gram_of), "num_samples": str(self.num_samples), "meta": json.dumps(self.meta)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)  # never a half-written cache
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))  # never a half-written cache
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibStats":

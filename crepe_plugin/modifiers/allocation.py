@@ -22,7 +22,6 @@ from loguru import logger
 from pydantic import Field, PrivateAttr
 from tqdm.auto import tqdm
 
-from ..compat.compressed_tensors import match_named_modules
 from ..compat.llmcompressor import State
 from ..core import (
     PruningError,
@@ -30,10 +29,10 @@ from ..core import (
     gather_stats,
     outlier_ratio,
     owl_sparsities,
-    parse_structure,
     wanda_importance,
     weight_out_in,
 )
+from ..selection import PRUNABLE, select_layers
 from .base import LayerwiseModifier
 
 __all__ = ["OWLAllocationModifier"]
@@ -59,24 +58,24 @@ class OWLAllocationModifier(LayerwiseModifier):
         if not pruners:
             raise PruningError("OWLAllocationModifier: no pruning modifier follows it in the recipe to hand sparsities to")
         for p in pruners:
-            n, _ = parse_structure(p.mask_structure)
+            n, m = p.structure
             if n:
                 raise PruningError(
-                    f"OWLAllocationModifier: {type(p).__name__} prunes {p.mask_structure}, which fixes every "
+                    f"OWLAllocationModifier: {type(p.modifier).__name__} prunes {n}:{m}, which fixes every "
                     "layer's sparsity at N/M; OWL allocates unstructured sparsity only (mask_structure '0:0'). "
                     "To keep chosen layers dense under N:M, give the pruner a sparsity map with 0 for them"
                 )
         target = self.sparsity
         if target is None:
-            vals = {p.sparsity for p in pruners}
-            if len(vals) != 1 or not isinstance(next(iter(vals)), float):
+            vals = [p.sparsity for p in pruners]
+            if not all(isinstance(v, float) for v in vals) or len(set(vals)) != 1:
                 raise PruningError(
                     f"OWLAllocationModifier: the pruners after it give no single float sparsity ({vals}); set "
                     "OWLAllocationModifier.sparsity to the target mean"
                 )
-            target = next(iter(vals))
+            target = vals[0]
         model = state.model
-        linears = {n: m for n, m in match_named_modules(model, ["Linear"], self.ignore) if decoder_layer(n)}
+        linears = {n: m for n, m in select_layers(model, PRUNABLE, self.ignore).items() if decoder_layer(n)}
         if not linears:
             raise PruningError("OWLAllocationModifier: found no linear layer inside decoder layers (named '...layers.N.')")
         loader = getattr(getattr(state, "data", None), "calib", None)
@@ -98,20 +97,5 @@ class OWLAllocationModifier(LayerwiseModifier):
             target, self.owl_m, self.owl_lmbda, ", ".join(f"{s:.3f}" for s in sp),
         )  # fmt: skip
         for p in pruners:
-            self._hand_to(p, model, target)
+            p.assign_layer_sparsities(model, self._layer_sparsity, target)
         return True
-
-    def _hand_to(self, pruner, model, target: float) -> None:
-        from .pruning import CRePEPruningModifier
-
-        if isinstance(pruner, CRePEPruningModifier):
-            pruner.sparsity = {**{k: v for k, v in self._layer_sparsity.items()}, "default": target}
-            return
-        # llm-compressor's SparseGPT / Wanda: one value per module its targets match
-        names = [n for n, _ in match_named_modules(model, pruner.targets if isinstance(pruner.targets, list) else [pruner.targets])]
-        vals = []
-        for n in names:
-            layer = decoder_layer(n + ".")
-            vals.append(self._layer_sparsity.get(layer[0], target) if layer else target)
-        pruner.sparsity = vals
-        pruner.sparsity_profile = None

@@ -6,13 +6,18 @@
   statistics accumulator (``new_stats``); at the end of each sequential epoch (one decoder
   layer, in llm-compressor's sequential pipeline) and at the end of calibration, every layer
   that has statistics is handed to ``process_layer`` once, and its statistics are freed, so
-  memory stays at one decoder layer;
-- module resolution (``resolve_layers``: targets/ignore as llm-compressor reads them,
-  containers expanded to their Linear / Conv1D layers, in model order);
-- the recipe around it (``pruners_before`` / ``pruners_after``: our pruners and
-  llm-compressor's);
+  memory stays at one decoder layer; ``after_layers`` then sees the layers of that epoch
+  together (a hook for work on a whole decoder layer; nothing by default);
+- the recipe around it (``pruners_before`` / ``pruners_after``, as ``Pruner`` contracts: our
+  pruners and llm-compressor's);
 - the checkpoint record (``update_record``) and offload-aware weight write-back
   (``write_weight``, Conv1D-aware through ``core.set_weight``).
+
+``PruningModifier`` (a ``LayerwiseModifier``) declares the pruner contract once: the fields every
+pruner reads as llm-compressor's do (``mask_structure``, parsed once, ``sparsity``, ``targets``,
+``ignore``), which layers it prunes (``crepe_plugin.selection``, the one layer predicate) and at
+what sparsity (``layer_sparsities``), and the recipe-order guards. OWL, DSnoT and channel
+permutation read a neighbouring pruner only through ``Pruner``.
 
 Each modifier keeps only its method. Upstream names come from ``crepe_plugin.compat``.
 
@@ -26,30 +31,35 @@ pruners at all. The lifecycle events we hook are the same ones that base hooks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from ..checkpoint.record import RECORD_KEY
 from ..checkpoint.save import keep_record_on_save
-from ..compat.compressed_tensors import match_named_modules, match_targets, update_offload_parameter
-from ..compat.llmcompressor import Event, Modifier, SparsityModifierBase, State, recipe_modifiers
-from ..core.layers import set_weight
+from ..compat.compressed_tensors import match_named_modules, update_offload_parameter
+from ..compat.llmcompressor import (
+    Event,
+    GPTQModifier,
+    Modifier,
+    QuantizationMixin,
+    SparseGPTModifier,
+    SparsityModifierBase,
+    State,
+    recipe_modifiers,
+    sequential_layer_targets,
+)
+from ..core import CRePEConfig, PruningError, decoder_layer, parse_structure, set_weight
+from ..selection import DEFAULT_IGNORE, PRUNABLE, layer_filter, select_layers
+from .gptq import MaskedGPTQModifier
 
-__all__ = ["LayerwiseModifier", "PRUNABLE", "DEFAULT_IGNORE"]
+__all__ = ["LayerwiseModifier", "PruningModifier", "Pruner", "layer_sparsities", "SparsityArg", "WANDA_POINT"]
 
-PRUNABLE = ("Linear", "Conv1D")
-# left dense unless a recipe says otherwise: the output head, and a vision-language model's vision
-# tower and projector (LLaVA, Qwen2/2.5-VL, Gemma 3, Idefics/SmolVLM naming)
-DEFAULT_IGNORE = [
-    "re:.*lm_head",
-    r"re:(.*\.)?(vision_tower|vision_model|visual|multi_modal_projector|mm_projector|embed_vision|connector)(\..*)?$",
-]
-
-
-def _is_prunable(module: torch.nn.Module) -> bool:
-    return type(module).__name__ in PRUNABLE or isinstance(module, torch.nn.Linear)
+SparsityArg = float | list[float] | dict[str, float] | None
+# Wanda (and SparseGPT's mask) rank by |W| * ||X||: CRePE's row term with a = 1
+WANDA_POINT = CRePEConfig(row_coef=1.0, col_coef=0.0, act_exponent=1.0)
 
 
 def _offload_assign(module: torch.nn.Module, stored: torch.Tensor) -> None:
@@ -74,6 +84,10 @@ class LayerwiseModifier(Modifier):
         """Apply the method to one calibrated layer."""
         raise NotImplementedError
 
+    def after_layers(self, layers: dict[str, torch.nn.Module]) -> None:
+        """Called once the layers calibrated together (one decoder layer's, in the sequential
+        pipeline) have all been through ``process_layer``; ``layers``: {name: module}."""
+
     # ------------------------------------------------------------- lifecycle
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         for module in self._layers:
@@ -93,8 +107,12 @@ class LayerwiseModifier(Modifier):
         self._process_calibrated()
 
     def _process_calibrated(self) -> None:
+        done = {}
         for module in list(self._stats):
+            done[self._layers[module]] = module
             self.process_layer(module, self._layers[module], self._stats.pop(module))
+        if done:
+            self.after_layers(done)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:
@@ -103,23 +121,6 @@ class LayerwiseModifier(Modifier):
         return True
 
     # ------------------------------------------------------------- the model
-    @staticmethod
-    def resolve_layers(model: torch.nn.Module, targets: str | list[str], ignore: list[str]) -> dict[str, torch.nn.Module]:
-        """Linear / Conv1D layers matched by ``targets`` minus ``ignore``; a matched container
-        (a decoder layer, an MLP) expands to its layers. In model order."""
-        targets = [targets] if isinstance(targets, str) else list(targets)
-        found: dict[str, torch.nn.Module] = {}
-        for name, module in match_named_modules(model, targets, ignore):
-            if _is_prunable(module):
-                found[name] = module
-                continue
-            for sub, child in match_named_modules(module, list(PRUNABLE), None):
-                full = f"{name}.{sub}" if sub else name
-                if not match_targets(full, child, ignore):
-                    found[full] = child
-        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
-
     @staticmethod
     def write_weight(module: torch.nn.Module, w_out_in: torch.Tensor) -> None:
         """Store an (out, in) weight in the module's own layout, offload-aware."""
@@ -136,12 +137,6 @@ class LayerwiseModifier(Modifier):
         keep_record_on_save(model)
 
     # ------------------------------------------------------------- the recipe around it
-    @staticmethod
-    def is_pruner(m: Any) -> bool:
-        from .pruning import CRePEPruningModifier
-
-        return isinstance(m, (CRePEPruningModifier, SparsityModifierBase))
-
     def _split_recipe(self) -> tuple[list, list]:
         """(modifiers before this one, modifiers after it) in the running recipe; both empty
         when this modifier is not part of one (applied by hand)."""
@@ -149,14 +144,191 @@ class LayerwiseModifier(Modifier):
         idx = next((i for i, m in enumerate(mods) if m is self), None)
         return ([], []) if idx is None else (mods[:idx], mods[idx + 1 :])
 
-    def modifiers_before(self) -> list:
-        return self._split_recipe()[0]
+    def pruners_before(self) -> list["Pruner"]:
+        return [p for p in map(Pruner.of, self._split_recipe()[0]) if p is not None]
 
-    def modifiers_after(self) -> list:
-        return self._split_recipe()[1]
+    def pruners_after(self) -> list["Pruner"]:
+        return [p for p in map(Pruner.of, self._split_recipe()[1]) if p is not None]
 
-    def pruners_before(self) -> list:
-        return [m for m in self.modifiers_before() if self.is_pruner(m)]
 
-    def pruners_after(self) -> list:
-        return [m for m in self.modifiers_after() if self.is_pruner(m)]
+@dataclass(frozen=True)
+class Pruner:
+    """The pruner contract: what OWL, DSnoT and channel permutation read of a pruning modifier in
+    the recipe, ours (``PruningModifier``) or llm-compressor's (Wanda, SparseGPT)."""
+
+    modifier: Any
+    label: str  # the modifier, as an error message names it
+    structure: tuple[int, int]  # (N, M); (0, 0) unstructured
+    sparsity: SparsityArg
+    score: CRePEConfig | None  # what it ranks weights by; None when a search chooses it at initialize
+    keeps_dense_values: bool  # kept weights keep their dense values (no reconstruction, not SparseGPT)
+
+    @classmethod
+    def of(cls, m: Any) -> "Pruner | None":
+        if isinstance(m, PruningModifier):
+            return m.contract()
+        if isinstance(m, SparsityModifierBase):
+            dense = not isinstance(m, SparseGPTModifier)
+            return cls(m, type(m).__name__, parse_structure(m.mask_structure), m.sparsity, WANDA_POINT, dense)
+        return None
+
+    def assign_layer_sparsities(self, model: torch.nn.Module, per_layer: dict[str, float], default: float) -> None:
+        """Hand per-decoder-layer sparsities ({layer prefix: value}; ``default`` elsewhere) to the pruner."""
+        if isinstance(self.modifier, PruningModifier):
+            self.modifier.sparsity = {**per_layer, "default": default}
+            return
+        # llm-compressor's SparseGPT / Wanda: one value per module its own targets match (its own matching)
+        targets = self.modifier.targets
+        names = [n for n, _ in match_named_modules(model, targets if isinstance(targets, list) else [targets])]
+        vals = []
+        for n in names:
+            layer = decoder_layer(n + ".")
+            vals.append(per_layer.get(layer[0], default) if layer else default)
+        self.modifier.sparsity = vals
+        self.modifier.sparsity_profile = None
+
+
+def _check_fraction(v: float, where: str) -> float:
+    v = float(v)
+    if not (0.0 <= v < 1.0):
+        raise ValueError(f"{where}: sparsity must be in [0, 1), got {v}")
+    return v
+
+
+class PruningModifier(LayerwiseModifier):
+    """A crepe-plugin pruner: the fields every pruner shares, validated once, and the contract
+    (``contract()``) the modifiers around it read."""
+
+    sparsity: SparsityArg = None
+    mask_structure: str = "0:0"
+    targets: str | list[str] = Field(default_factory=lambda: list(PRUNABLE))
+
+    _nm: tuple[int, int] = PrivateAttr((0, 0))
+    _sparsities: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
+
+    # ---------------------------------------------------------------- what a pruner declares
+    def contract(self) -> Pruner:
+        raise NotImplementedError
+
+    @property
+    def structure(self) -> tuple[int, int]:
+        """(N, M) of ``mask_structure``, parsed once; (0, 0) for unstructured."""
+        return self._nm
+
+    # ---------------------------------------------------------------- validation
+    @field_validator("mask_structure", mode="before")
+    @classmethod
+    def _valid_structure(cls, v: Any) -> str:
+        n, m = parse_structure(str(v))
+        return f"{n}:{m}"
+
+    @field_validator("sparsity", mode="after")
+    @classmethod
+    def _valid_sparsity(cls, v: SparsityArg) -> SparsityArg:
+        if v is None:
+            return v
+        if isinstance(v, dict):
+            if not v:
+                raise ValueError("sparsity: the per-layer map is empty")
+            return {k: _check_fraction(x, f"sparsity[{k!r}]") for k, x in v.items()}
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("sparsity: the per-layer list is empty")
+            return [_check_fraction(x, f"sparsity[{i}]") for i, x in enumerate(v)]
+        return _check_fraction(v, "sparsity")
+
+    @model_validator(mode="after")
+    def _valid_combination(self) -> "PruningModifier":
+        self._nm = n, m = parse_structure(self.mask_structure)
+        if n == 0:
+            if self.sparsity is None:
+                raise ValueError("sparsity is required for unstructured pruning (mask_structure '0:0')")
+            return self
+        implied = n / m
+        values = (
+            [self.sparsity]
+            if isinstance(self.sparsity, float)
+            else list(self.sparsity.values())
+            if isinstance(self.sparsity, dict)
+            else list(self.sparsity or [])
+        )
+        for x in values:
+            if x not in (0.0, implied) and abs(x - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity {x} conflicts with mask_structure '{self.mask_structure}', which "
+                    f"prunes exactly {implied:g}; use {implied:g} (or 0 to keep a layer dense), "
+                    "or mask_structure '0:0' for unstructured"
+                )
+        return self
+
+    # ---------------------------------------------------------------- initialize
+    def check_recipe_order(self) -> None:
+        """Quantizing before pruning, or plain GPTQ after it, gives a model that is not
+        N:M; refuse such a recipe instead of saving it."""
+        before, after = self._split_recipe()
+        quant = [type(m).__name__ for m in before if isinstance(m, QuantizationMixin)]
+        if quant:
+            raise PruningError(
+                f"{type(self).__name__} comes after {quant[0]} in the recipe: quantizing before pruning "
+                "leaves quantized weights that pruning then changes; put the pruning stage first"
+            )
+        if any(isinstance(m, GPTQModifier) and not isinstance(m, MaskedGPTQModifier) for m in after):
+            raise PruningError(
+                "GPTQModifier after pruning refills the pruned weights (its error compensation knows no "
+                "mask) and the saved model would not be N:M; use MaskedGPTQModifier (same fields)"
+            )
+
+    def prunable_layers(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """The layers ``targets`` minus ``ignore`` select (``crepe_plugin.selection``); refuses none."""
+        modules = select_layers(model, self.targets, self.ignore)
+        if not modules:
+            raise PruningError(
+                f"{type(self).__name__}: targets {self.targets} (ignore {self.ignore}) match no "
+                "Linear layer in the model (GPT-2-style models use transformers' Conv1D: target 'Conv1D')"
+            )
+        return modules
+
+    def layer_sparsities(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], seq_targets=None) -> dict[str, float]:
+        """The sparsity of every layer in ``modules`` ({name: value}), from ``sparsity``."""
+        n, m = self.structure
+        return layer_sparsities(self.sparsity if self.sparsity is not None else n / m, model, modules, seq_targets)
+
+
+def layer_sparsities(sp: float | list[float] | dict[str, float], model: torch.nn.Module,
+                     modules: dict[str, torch.nn.Module], seq_targets=None) -> dict[str, float]:  # fmt: skip
+    """{name: sparsity} for ``modules`` from a pruner's ``sparsity``: one float; a list with one value
+    per decoder layer (llm-compressor's sequential targets); or a map whose keys select layers as
+    ``targets`` do (a name, a container such as a decoder layer, a class, or 're:'; the first key
+    that selects a layer wins, 'default' covers the rest)."""
+    if isinstance(sp, float):
+        return {name: sp for name in modules}
+    if isinstance(sp, dict):
+        keys = {k: layer_filter(model, [k], None) for k in sp if k != "default"}
+        unused = set(keys)
+        out = {}
+        for name, module in modules.items():
+            key = next((k for k, keep in keys.items() if keep(module, name)), None)
+            if key is None:
+                if "default" not in sp:
+                    raise PruningError(f"sparsity map has no entry for layer '{name}'; add one or a 'default' key")
+                out[name] = sp["default"]
+            else:
+                unused.discard(key)
+                out[name] = sp[key]
+        if unused:
+            raise PruningError(f"sparsity map keys match no targeted layer: {sorted(unused)}")
+        return out
+    seq = sequential_layer_targets(model, seq_targets)
+    layers = [name for name, _ in match_named_modules(model, seq)]
+    if len(sp) != len(layers):
+        raise PruningError(
+            f"sparsity list has {len(sp)} values but the model has {len(layers)} decoder "
+            f"layers ({seq}); give one value per layer, or a dict keyed by module name"
+        )
+    out = {}
+    for name in modules:
+        idx = next((i for i, ln in enumerate(layers) if name.startswith(ln + ".")), None)
+        if idx is None:
+            raise PruningError(f"layer '{name}' is outside every decoder layer; use a sparsity dict")
+        out[name] = sp[idx]
+    return out

@@ -27,7 +27,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr
 
 from ..compat.compressed_tensors import align_module_device, get_execution_device
-from ..compat.llmcompressor import SparseGPTModifier, State
+from ..compat.llmcompressor import State
 from ..core import (
     CalibrationError,
     InputMomentStats,
@@ -36,9 +36,9 @@ from ..core import (
     expected_error,
     from_stored_layout,
     is_nm,
-    parse_structure,
     weight_out_in,
 )
+from ..selection import PRUNABLE, select_layers
 from .base import LayerwiseModifier
 
 __all__ = ["DSnoTModifier", "DenseSource"]
@@ -95,7 +95,7 @@ class DSnoTModifier(LayerwiseModifier):
     SparseGPT, which updates weights).
     """
 
-    targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
+    targets: str | list[str] = Field(default_factory=lambda: list(PRUNABLE))
     max_cycles: int = Field(50, ge=1, le=10_000)
     update_threshold: float = Field(0.1, ge=0, lt=1)
     pow_of_var_regrowing: float = Field(1.0, ge=0)
@@ -110,14 +110,13 @@ class DSnoTModifier(LayerwiseModifier):
         if not before:
             raise PruningError("DSnoTModifier refines a pruning mask: put it after CRePE, RIA or Wanda in the recipe")
         pruner = before[-1]
-        if isinstance(pruner, SparseGPTModifier) or getattr(pruner, "reconstruct", False):
+        if not pruner.keeps_dense_values:
             raise PruningError(
-                f"DSnoTModifier cannot follow {type(pruner).__name__}"
-                f"{' with reconstruct' if getattr(pruner, 'reconstruct', False) else ''}: it updates the kept "
-                "weights, and DSnoT's swaps assume kept weights hold their dense values"
+                f"DSnoTModifier cannot follow {pruner.label}: it updates the kept weights, and DSnoT's swaps assume "
+                "kept weights hold their dense values"
             )
-        self._n, self._m = parse_structure(pruner.mask_structure)
-        self._layers = {m: n for n, m in self.resolve_layers(state.model, self.targets, self.ignore).items()}
+        self._n, self._m = pruner.structure
+        self._layers = {m: n for n, m in select_layers(state.model, self.targets, self.ignore).items()}
         if not self._layers:
             raise PruningError(f"DSnoTModifier: targets {self.targets} match no Linear layer")
         self._source = DenseSource(getattr(state.model.config, "_name_or_path", None))

@@ -34,8 +34,9 @@ from pydantic import Field, PrivateAttr
 
 from ..compat.compressed_tensors import align_module_device, get_execution_device, update_offload_parameter
 from ..compat.llmcompressor import State
-from ..core import CRePEConfig, InputNormStats, PruningError, crepe_scores, parse_structure
+from ..core import CRePEConfig, InputNormStats, PruningError, crepe_scores
 from ..core.permutation import find_permutation, kept_importance, stacked_head_scores
+from ..selection import select_layers
 from .base import LayerwiseModifier
 
 __all__ = ["ChannelPermutationModifier"]
@@ -69,34 +70,28 @@ class ChannelPermutationModifier(LayerwiseModifier):
     _done: dict[str, dict] = PrivateAttr(default_factory=dict)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
-        from .pruning import CRePEPruningModifier
-
         after = self.pruners_after()
         if not after:
             raise PruningError("ChannelPermutationModifier: put it before an N:M pruning modifier (CRePE, RIA, Wanda, SparseGPT)")
         pruner = after[0]
-        self._n, self._m = parse_structure(pruner.mask_structure)
+        self._n, self._m = pruner.structure
         if not self._n:
             raise PruningError(
-                f"ChannelPermutationModifier: {type(pruner).__name__} prunes unstructured; channel permutation "
+                f"ChannelPermutationModifier: {type(pruner.modifier).__name__} prunes unstructured; channel permutation "
                 "only helps N:M (mask_structure 'N:M')"
             )
-        if isinstance(pruner, CRePEPruningModifier):
-            if pruner.search is not None:
-                raise PruningError("ChannelPermutationModifier cannot precede a PHO search; search first, then use its recipe")
-            self._cfg = pruner.crepe_config
-        else:  # Wanda (and SparseGPT's mask) rank by |W| * ||X||: CRePE's row term with a = 1
-            self._cfg = CRePEConfig(row_coef=1.0, col_coef=0.0, act_exponent=1.0)
+        if pruner.score is None:
+            raise PruningError("ChannelPermutationModifier cannot precede a PHO search; search first, then use its recipe")
+        self._cfg = pruner.score
         cfg = state.model.config
         self._model = state.model
         self._heads = (getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None))
         self._head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)
-        for name, mod in state.model.named_modules():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in self.layers and isinstance(mod, torch.nn.Linear):
+        for name, mod in select_layers(state.model, ["Linear"], self.ignore).items():
+            if name.rsplit(".", 1)[-1] in self.layers:
                 self._layers[mod] = name
         if not self._layers:
-            raise PruningError(f"ChannelPermutationModifier: no Linear named {self.layers} in the model")
+            raise PruningError(f"ChannelPermutationModifier: no Linear named {self.layers} in the model (ignore {self.ignore})")
         return True
 
     def new_stats(self, module: torch.nn.Module) -> InputNormStats:

@@ -1,90 +1,87 @@
 """CRePEPruningModifier and RIAPruningModifier: llm-compressor 0.14 glue around crepe_plugin.core.
 
+The modifier resolves its configuration once, when the recipe is parsed (``prune_config``: the
+score's coefficients, the structure, the scope and the reconstruction settings; a coefficient the
+recipe leaves out takes the structure's shipped default, ``core.config.CREPE_DEFAULTS``). PHO in
+the recipe, every layer and the record read that one object; the per-Linear work is
+``core.prune_layer``.
+
 Memory profile as WandaPruningModifier: one input-norm vector per targeted Linear, and
 one score matrix at a time while a layer is pruned (at the end of its sequential epoch).
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from loguru import logger
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import PrivateAttr, field_validator, model_validator
 
 from ..checkpoint.record import merge_record, new_record
-from ..compat.compressed_tensors import align_module_device, get_execution_device, match_named_modules
-from ..compat.llmcompressor import GPTQModifier, QuantizationMixin, State, sequential_layer_targets
+from ..compat.compressed_tensors import align_module_device, get_execution_device
+from ..compat.llmcompressor import State
 from ..core import (
     RIA_CONFIG,
     CRePEConfig,
     HessianStats,
     InputNormStats,
-    LayerShapeError,
+    LayerStats,
+    PruneConfig,
     PruningError,
-    compensate_adaptive_nm,
-    compensate_adaptive_unstructured,
-    compensate_fixed_mask,
+    Reconstruction,
+    check_nm_width,
     crepe_defaults,
-    crepe_saliency,
-    crepe_scores,
+    default_scope,
     is_conv1d,
-    parse_structure,
-    prune_mask,
-    refine_fixed_mask,
+    prune_layer,
     weight_out_in,
 )
 from ..core.config import Border, Coef, KernelName, KernelSize, NeighborMap
+from ..core.prune import BlockSize, DampeningFrac, MaskSelection, RefineSteps, Scope
 from ..pho.config import SearchConfig
-from .base import PRUNABLE, LayerwiseModifier
+from .base import Pruner, PruningModifier
 
 __all__ = ["CRePEPruningModifier", "RIAPruningModifier"]
 
-SparsityArg = float | list[float] | dict[str, float] | None
 
-
-def _key_matches(key: str, name: str) -> bool:
-    """A sparsity-map key matches a module by exact name, name prefix, or 're:' regex."""
-    if key.startswith("re:"):
-        return re.match(key[3:], name) is not None
-    return name == key or name.startswith(key + ".")
-
-
-def _check_fraction(v: float, where: str) -> float:
-    v = float(v)
-    if not (0.0 <= v < 1.0):
-        raise ValueError(f"{where}: sparsity must be in [0, 1), got {v}")
-    return v
-
-
-class CRePEPruningModifier(LayerwiseModifier):
+class CRePEPruningModifier(PruningModifier):
     """One-shot CRePE pruning (RIA generalised with adaptive coefficients and a k x k
     neighborhood term). See docs/method.md.
 
-    Sample yaml:
+    Sample yaml (the coefficients shown are the 2:4 defaults; leave any out to get its default):
 
     ```yaml
     sparsity_stage:
       sparsity_modifiers:
         CRePEPruningModifier:
           mask_structure: "2:4"
-          row_coef: 1.0
-          col_coef: 1.0
-          neighbor_coef: 0.0
+          row_coef: 2.513921
+          col_coef: 2.002273
+          neighbor_coef: 0.203327
           kernel_size: 3
-          ignore: ["re:.*lm_head"]
+          kernel: gaussian
+          act_exponent: 0.855673
+          border: zero
+          neighbor_map: ri
     ```
 
     :param sparsity: fraction pruned: a float, a list with one value per decoder layer,
-        or a dict {module name, name prefix or 're:' regex: value} (first match wins; a
-        'default' key covers the rest). For N:M structures it defaults to N/M and every
-        value must be N/M or 0 (0 leaves the layer dense).
+        or a dict whose keys select layers as ``targets`` does (a module name, a container such
+        as a decoder layer, or a 're:' regex; first match wins; a 'default' key covers the
+        rest). For N:M structures it defaults to N/M and every value must be N/M or 0 (0 leaves
+        the layer dense).
     :param mask_structure: "N:M" (prune N of every M consecutive inputs) or "0:0".
     :param scope: unstructured only: "matrix" (one threshold per matrix, RIA) or "row".
+        Unset: the structure's default (row for unstructured).
+    :param row_coef, col_coef, neighbor_coef, kernel_size, kernel, act_exponent, border,
+        neighbor_map: CRePE's coefficients (``core.CRePEConfig``). Each one left unset takes
+        the structure's shipped default (``core.config.CREPE_DEFAULTS``: searched on SmolLM2-135M
+        and Gemma 3 270M, chosen by validation perplexity; docs/method.md, "Defaults").
     :param targets: module classes, names or 're:' regexes to prune (containers such as a
-        decoder layer expand to their Linear layers).
-    :param ignore: modules never pruned. Defaults to the lm_head.
+        decoder layer expand to their Linear layers); ``crepe_plugin.selection``.
+    :param ignore: modules never pruned. Defaults to the lm_head, MoE routers and a
+        vision-language model's vision tower and projector.
     :param reconstruct: after the mask is fixed, update the kept weights to minimise the
         layer's output error on the calibration inputs (OBS / SparseGPT-style, blockwise,
         pruned positions stay exactly zero). Costs one fp32 Hessian (in x in) per layer.
@@ -100,74 +97,39 @@ class CRePEPruningModifier(LayerwiseModifier):
     :param search: a PHO block (proxy, trials, storage, bounds, layers, seed...). When
         given, PHO searches row_coef, col_coef, neighbor_coef, kernel_size and
         act_exponent on this oneshot's calibration data before any layer is pruned (one
-        extra dense forward pass), then prunes with the best point. The coefficient
-        fields above are then only the search's fallback. See docs/method.md.
+        extra dense forward pass), then prunes with the best point; kernel, border and
+        neighbor_map stay at this modifier's values. See docs/method.md.
     """
 
-    sparsity: SparsityArg = None
-    mask_structure: str = "0:0"
-    scope: Literal["matrix", "row"] = "matrix"
-    targets: str | list[str] = Field(default_factory=lambda: list(PRUNABLE))
+    scope: Scope | None = None
 
-    row_coef: Coef = 1.0
-    col_coef: Coef = 1.0
-    neighbor_coef: Coef = 0.0
-    kernel_size: KernelSize = 3
-    kernel: KernelName = "box"
-    act_exponent: Coef = 0.5
-    border: Border = "mean"
-    neighbor_map: NeighborMap = "ri"
+    row_coef: Coef | None = None
+    col_coef: Coef | None = None
+    neighbor_coef: Coef | None = None
+    kernel_size: KernelSize | None = None
+    kernel: KernelName | None = None
+    act_exponent: Coef | None = None
+    border: Border | None = None
+    neighbor_map: NeighborMap | None = None
 
     reconstruct: bool = False
-    mask_selection: Literal["fixed", "adaptive"] = "fixed"
-    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
-    block_size: int = Field(128, ge=1)
-    refine_steps: int = Field(20, ge=0, le=1000)
+    mask_selection: MaskSelection = "fixed"
+    dampening_frac: DampeningFrac = 0.01
+    block_size: BlockSize = 128
+    refine_steps: RefineSteps = 20
     search: SearchConfig | None = None
 
     method_name: ClassVar[str] = "crepe"
 
-    _sparsities: dict[torch.nn.Module, float] = PrivateAttr(default_factory=dict)
+    _prune: PruneConfig | None = PrivateAttr(None)
     _pruned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
     _search_result: dict[str, Any] | None = PrivateAttr(default=None)
 
-    # ---------------------------------------------------------------- validation
+    # ---------------------------------------------------------------- the one resolved configuration
     @classmethod
-    def _default_coefficients(cls, structure: str) -> dict:
-        """Values for the coefficient fields (and unstructured scope) a recipe leaves out."""
-        return crepe_defaults(structure)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_defaults(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        try:
-            defaults = cls._default_coefficients(str(data.get("mask_structure", "0:0")))
-        except PruningError:
-            return data  # the structure's own validator reports it
-        return {**{k: v for k, v in defaults.items() if k in cls.model_fields}, **data}
-
-    @field_validator("mask_structure", mode="before")
-    @classmethod
-    def _valid_structure(cls, v: Any) -> str:
-        n, m = parse_structure(str(v))
-        return f"{n}:{m}"
-
-    @field_validator("sparsity", mode="after")
-    @classmethod
-    def _valid_sparsity(cls, v: SparsityArg) -> SparsityArg:
-        if v is None:
-            return v
-        if isinstance(v, dict):
-            if not v:
-                raise ValueError("sparsity: the per-layer map is empty")
-            return {k: _check_fraction(x, f"sparsity[{k!r}]") for k, x in v.items()}
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("sparsity: the per-layer list is empty")
-            return [_check_fraction(x, f"sparsity[{i}]") for i, x in enumerate(v)]
-        return _check_fraction(v, "sparsity")
+    def structure_defaults(cls, structure: str) -> tuple[CRePEConfig, str]:
+        """(coefficients, scope) for the fields a recipe leaves out."""
+        return crepe_defaults(structure), default_scope(structure)
 
     @field_validator("search", mode="after")
     @classmethod
@@ -180,92 +142,61 @@ class CRePEPruningModifier(LayerwiseModifier):
         return v
 
     @model_validator(mode="after")
-    def _valid_combination(self) -> "CRePEPruningModifier":
-        n, m = parse_structure(self.mask_structure)
-        if n == 0:
-            if self.sparsity is None:
-                raise ValueError("sparsity is required for unstructured pruning (mask_structure '0:0')")
-            return self
-        implied = n / m
-        values = (
-            [self.sparsity]
-            if isinstance(self.sparsity, float)
-            else list(self.sparsity.values())
-            if isinstance(self.sparsity, dict)
-            else list(self.sparsity or [])
-        )
-        for x in values:
-            if x not in (0.0, implied) and abs(x - implied) > 1e-9:
-                raise ValueError(
-                    f"sparsity {x} conflicts with mask_structure '{self.mask_structure}', which "
-                    f"prunes exactly {implied:g}; use {implied:g} (or 0 to keep a layer dense), "
-                    "or mask_structure '0:0' for unstructured"
-                )
-        return self
-
-    @model_validator(mode="after")
-    def _valid_mask_selection(self) -> "CRePEPruningModifier":
-        self.crepe_config  # noqa: B018  refuses a degenerate score (row_coef = col_coef = 0) at parse time
+    def _resolve(self) -> "CRePEPruningModifier":
+        """Build ``prune_config`` once: the recipe's fields over the structure's defaults (this also
+        refuses a degenerate score, row_coef = col_coef = 0, at parse time)."""
         if self.mask_selection == "adaptive" and not self.reconstruct:
             raise ValueError("mask_selection 'adaptive' chooses the mask during reconstruction; set reconstruct: true")
+        base, scope = self.structure_defaults(self.mask_structure)
+        recon = None
+        if self.reconstruct:
+            recon = Reconstruction(mask_selection=self.mask_selection, dampening_frac=self.dampening_frac,
+                                   block_size=self.block_size, refine_steps=self.refine_steps)  # fmt: skip
+        self._prune = PruneConfig(
+            score=base.override(**{k: getattr(self, k) for k in CRePEConfig.model_fields}),
+            structure=self.mask_structure,
+            scope=self.scope or scope,
+            reconstruction=recon,
+        )
         return self
 
     @property
+    def prune_config(self) -> PruneConfig:
+        """How every layer is pruned (after a ``search``, with the point it chose)."""
+        return self._prune
+
+    @property
     def crepe_config(self) -> CRePEConfig:
-        return CRePEConfig(**{k: getattr(self, k) for k in CRePEConfig.model_fields})
+        """The score's coefficients: ``prune_config.score``."""
+        return self._prune.score
+
+    def contract(self) -> Pruner:
+        label = type(self).__name__ + (" with reconstruct" if self.reconstruct else "")
+        score = None if self.search is not None else self.crepe_config
+        return Pruner(self, label, self.structure, self.sparsity, score, keeps_dense_values=not self.reconstruct)
 
     # ---------------------------------------------------------------- lifecycle
-    def _check_recipe_order(self) -> None:
-        """Quantizing before pruning, or plain GPTQ after it, gives a model that is not
-        N:M; refuse such a recipe instead of saving it."""
-        from .gptq import MaskedGPTQModifier
-
-        before, after = self._split_recipe()
-        quant = [type(m).__name__ for m in before if isinstance(m, QuantizationMixin)]
-        if quant:
-            raise PruningError(
-                f"{type(self).__name__} comes after {quant[0]} in the recipe: quantizing before pruning "
-                "leaves quantized weights that pruning then changes; put the pruning stage first"
-            )
-        if any(isinstance(m, GPTQModifier) and not isinstance(m, MaskedGPTQModifier) for m in after):
-            raise PruningError(
-                "GPTQModifier after pruning refills the pruned weights (its error compensation knows no "
-                "mask) and the saved model would not be N:M; use MaskedGPTQModifier (same fields)"
-            )
-
     def on_initialize(self, state: State, **kwargs) -> bool:
-        self._check_recipe_order()
-        model = state.model
-        modules = self.resolve_layers(model, self.targets, self.ignore)
-        if not modules:
-            raise PruningError(
-                f"{type(self).__name__}: targets {self.targets} (ignore {self.ignore}) match no "
-                "Linear layer in the model (GPT-2-style models use transformers' Conv1D: target 'Conv1D')"
-            )
-        sparsities = self._resolve_sparsities(model, modules, kwargs.get("sequential_targets"))
-        n, m = parse_structure(self.mask_structure)
-        for name, module in modules.items():
-            if n and sparsities[name] > 0:
-                cols = weight_out_in(module).shape[1]
-                if cols % m:
-                    raise LayerShapeError(
-                        f"layer '{name}': input dimension {cols} is not divisible by M={m} for "
-                        f"{self.mask_structure} sparsity; add it to `ignore`"
-                    )
-        self._layers = {mod: name for name, mod in modules.items() if sparsities[name] > 0}
-        self._sparsities = {mod: sparsities[name] for name, mod in modules.items() if sparsities[name] > 0}
+        self.check_recipe_order()
+        modules = self.prunable_layers(state.model)
+        sparsities = self.layer_sparsities(state.model, modules, kwargs.get("sequential_targets"))
+        modules = {name: mod for name, mod in modules.items() if sparsities[name] > 0}
+        n, m = self.structure
+        for name, mod in modules.items():
+            check_nm_width(weight_out_in(mod).shape[1], m, name, "add it to `ignore`", n=n)
+        self._layers = {mod: name for name, mod in modules.items()}
+        self._sparsities = {mod: sparsities[name] for name, mod in modules.items()}
         if self.search is not None:
-            self._run_search(state, {n: m for n, m in modules.items() if sparsities[n] > 0}, sparsities)
-        logger.info(
-            f"{type(self).__name__}: {len(self._layers)} layers to prune "
-            f"({self.mask_structure if n else f'{self.scope} unstructured'}), config {self.crepe_config}"
-        )
+            self._run_search(state, modules, {name: sparsities[name] for name in modules})
+        what = self.mask_structure if n else f"{self._prune.scope} unstructured"
+        logger.info(f"{type(self).__name__}: {len(self._layers)} layers to prune ({what}), config {self.crepe_config}")
         return True
 
     def _run_search(self, state: State, modules: dict[str, torch.nn.Module], sparsities: dict[str, float]) -> None:
-        """PHO on this oneshot's calibration data, before any layer is pruned."""
+        """PHO on this oneshot's calibration data, before any layer is pruned; the searched
+        coefficients replace the score in ``prune_config``, the rest stays as resolved."""
         from ..pho.calib import sample_layer_names, statistics_pass
-        from ..pho.search import Evaluator, run_search
+        from ..pho.search import Evaluator, fixed_part, run_search
 
         loader = getattr(getattr(state, "data", None), "calib", None)
         if loader is None:
@@ -276,18 +207,40 @@ class CRePEPruningModifier(LayerwiseModifier):
         except Exception:
             device = next(state.model.parameters()).device
         stats = statistics_pass(state.model, loader, modules, sampled, device=device)
-        ev = Evaluator(state.model, modules, stats, self.mask_structure, {n: sparsities[n] for n in modules}, self.scope, sampled)
-        fixed = {"kernel": self.kernel, "border": self.border, "neighbor_map": self.neighbor_map}
-        res = run_search(ev, self.search, fixed)
+        ev = Evaluator(state.model, modules, stats, self.mask_structure, sparsities, self._prune.scope, sampled)
+        res = run_search(ev, self.search, fixed_part(self.crepe_config))
         del stats, ev
-        for k, v in res["params"].items():
-            setattr(self, k, v)
+        self._prune = self._prune.model_copy(update={"score": CRePEConfig(**res["config"])})
         self._search_result = {k: res[k] for k in ("proxy", "sampler", "trials", "value", "params", "study_name")}
         logger.info(f"{type(self).__name__}: PHO chose {res['params']} ({res['proxy']} {res['value']:.6g})")
 
     def new_stats(self, module: torch.nn.Module) -> InputNormStats | HessianStats:
         cls = HessianStats if self.reconstruct else InputNormStats
         return cls(weight_out_in(module).shape[1], device=get_execution_device(module))
+
+    def process_layer(self, module: torch.nn.Module, name: str, stats: InputNormStats | HessianStats) -> None:
+        if stats.num_samples == 0:  # hooked, but no token reached it (an idle expert): see on_finalize
+            return
+        if self.reconstruct:
+            layer_stats = LayerStats(stats.input_sq_norm(), stats.H)
+        else:
+            layer_stats = LayerStats(stats.value(name))
+        density = self._prune_one(module, name, layer_stats, self._prune)
+        logger.info(f"{name}: pruned with {stats.num_samples} samples, density {density:.4f}")
+
+    def _prune_one(self, module: torch.nn.Module, name: str, stats: LayerStats, config: PruneConfig, **record) -> float:
+        """``core.prune_layer`` on one module, written back and recorded; returns its density."""
+        with torch.no_grad(), align_module_device(module):
+            pruned, mask = prune_layer(weight_out_in(module).detach(), stats, config, self._sparsities[module], layer_name=name)
+            self.write_weight(module, pruned)
+        density = 1.0 - float(mask.float().mean())
+        self._pruned[name] = {
+            "structure": self.mask_structure,
+            "sparsity": round(1.0 - density, 6),
+            **({"layout": "in_out"} if is_conv1d(module) else {}),  # verify checks N:M along the inputs
+            **record,
+        }
+        return density
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         super().on_finalize(state, **kwargs)
@@ -301,18 +254,7 @@ class CRePEPruningModifier(LayerwiseModifier):
         record = new_record(
             self.method_name,
             self._pruned,
-            config={
-                **self.crepe_config.model_dump(),
-                "scope": self.scope,
-                "reconstruct": self.reconstruct,
-                **(
-                    {"mask_selection": self.mask_selection, "dampening_frac": self.dampening_frac,
-                     "block_size": self.block_size, "refine_steps": self.refine_steps}
-                    if self.reconstruct
-                    else {}
-                ),  # fmt: skip
-                **({"search": self._search_result} if self._search_result else {}),
-            },
+            config=self._record_config(),
             targets=self.targets if isinstance(self.targets, list) else [self.targets],
             ignore=list(self.ignore),
         )
@@ -320,122 +262,38 @@ class CRePEPruningModifier(LayerwiseModifier):
         return True
 
     # ---------------------------------------------------------------- internals
-    def _resolve_sparsities(
-        self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], seq_targets
-    ) -> dict[str, float]:
-        n, m = parse_structure(self.mask_structure)
-        sp = self.sparsity
-        if sp is None:
-            sp = n / m
-        if isinstance(sp, float):
-            return {name: sp for name in modules}
-        if isinstance(sp, dict):
-            unused = {k for k in sp if k != "default"}
-            out = {}
-            for name in modules:
-                key = next((k for k in sp if k != "default" and _key_matches(k, name)), None)
-                if key is None:
-                    if "default" not in sp:
-                        raise PruningError(
-                            f"sparsity map has no entry for layer '{name}'; add one or a 'default' key"
-                        )
-                    out[name] = sp["default"]
-                else:
-                    unused.discard(key)
-                    out[name] = sp[key]
-            if unused:
-                raise PruningError(f"sparsity map keys match no targeted layer: {sorted(unused)}")
-            return out
-        # list: one value per decoder layer (the sequential targets)
-        seq = sequential_layer_targets(model, seq_targets)
-        layers = [name for name, _ in match_named_modules(model, seq)]
-        if len(sp) != len(layers):
-            raise PruningError(
-                f"sparsity list has {len(sp)} values but the model has {len(layers)} decoder "
-                f"layers ({seq}); give one value per layer, or a dict keyed by module name"
-            )
-        out = {}
-        for name in modules:
-            idx = next((i for i, ln in enumerate(layers) if name.startswith(ln + ".")), None)
-            if idx is None:
-                raise PruningError(f"layer '{name}' is outside every decoder layer; use a sparsity dict")
-            out[name] = sp[idx]
-        return out
+    def _record_config(self) -> dict[str, Any]:
+        """``prune_config`` as the record's ``config`` (with the search that chose the score, if any)."""
+        p = self._prune
+        return {
+            **p.score.model_dump(),
+            "scope": p.scope,
+            "reconstruct": p.reconstruction is not None,
+            **(p.reconstruction.model_dump() if p.reconstruction is not None else {}),
+            **({"search": self._search_result} if self._search_result else {}),
+        }
 
     def _prune_idle_experts(self) -> None:
         """Experts the router never sent a calibration token (possible only when llm-compressor's
         ``moe_calibrate_all_experts`` is turned off): their input statistics do not exist, so they
         are pruned with the weight-only relative importance (CRePE's score with every input norm
-        1) and marked in the record. Any other layer without statistics is an error (raised by
-        the caller)."""
+        1, mask only) and marked in the record. Any other layer without statistics is an error
+        (raised by the caller)."""
         idle = {m: n for m, n in self._layers.items() if n not in self._pruned and ".experts." in n}
         if not idle:
             return
         logger.warning(f"{type(self).__name__}: {len(idle)} experts received no calibration token (first: "
                        f"'{next(iter(idle.values()))}'); pruned with the weight-only score")  # fmt: skip
-        n, _ = parse_structure(self.mask_structure)
+        weight_only = self._prune.model_copy(update={"reconstruction": None})
         for module, name in idle.items():
-            with torch.no_grad(), align_module_device(module):
-                w = weight_out_in(module).detach()
-                mask = self._score_mask(w, torch.ones(w.shape[1], device=w.device), self._sparsities[module], name)
-                self.write_weight(module, w.masked_fill(mask, 0))
-            self._record_layer(module, name, mask, n, calibration="none: weight-only score")
-
-    def _score_mask(self, w: torch.Tensor, input_sq_norm: torch.Tensor, sparsity: float, name: str) -> torch.Tensor:
-        """The pruned positions CRePE's score chooses (True = pruned)."""
-        scores = crepe_scores(w, input_sq_norm, self.crepe_config, layer_name=name)
-        return prune_mask(scores, sparsity, self.mask_structure, self.scope, layer_name=name)
-
-    def _record_layer(self, module: torch.nn.Module, name: str, mask: torch.Tensor, n: int, **extra) -> float:
-        density = 1.0 - float(mask.float().mean())
-        self._pruned[name] = {
-            "structure": self.mask_structure if n else "0:0",
-            "sparsity": round(1.0 - density, 6),
-            **({"layout": "in_out"} if is_conv1d(module) else {}),  # verify checks N:M along the inputs
-            **extra,
-        }
-        return density
-
-    def process_layer(self, module: torch.nn.Module, name: str, stats: InputNormStats | HessianStats) -> None:
-        if stats.num_samples == 0:  # hooked, but no token reached it (an idle expert): see on_finalize
-            return
-        cfg = self.crepe_config
-        n, m = parse_structure(self.mask_structure)
-        sparsity = self._sparsities[module]
-        with torch.no_grad(), align_module_device(module):
-            w = weight_out_in(module).detach()
-            if self.mask_selection == "adaptive":
-                sal = crepe_saliency(w, cfg, layer_name=name)
-                if n:
-                    pruned, mask = compensate_adaptive_nm(
-                        w, stats.H, n, m, sal, self.dampening_frac, self.block_size, layer_name=name
-                    )
-                else:
-                    pruned, mask = compensate_adaptive_unstructured(
-                        w, stats.H, sparsity, sal, self.scope, self.dampening_frac, self.block_size, layer_name=name
-                    )
-            else:
-                mask = self._score_mask(w, stats.input_sq_norm() if self.reconstruct else stats.value(name), sparsity, name)
-            if self.reconstruct:
-                if self.mask_selection == "fixed":
-                    pruned = compensate_fixed_mask(
-                        w, stats.H, mask, self.dampening_frac, self.block_size, layer_name=name
-                    )
-                if self.refine_steps:
-                    pruned = refine_fixed_mask(
-                        w, pruned, stats.H, mask, self.refine_steps, self.dampening_frac, name
-                    )
-                pruned = pruned.to(w.dtype)
-            else:
-                pruned = w.masked_fill(mask, 0)
-            self.write_weight(module, pruned)
-        density = self._record_layer(module, name, mask, n)
-        logger.info(f"{name}: pruned with {stats.num_samples} samples, density {density:.4f}")
+            ones = torch.ones(weight_out_in(module).shape[1], device=get_execution_device(module))
+            self._prune_one(module, name, LayerStats(ones), weight_only, calibration="none: weight-only score")
 
 
 class RIAPruningModifier(CRePEPruningModifier):
     """RIA (Zhang et al., ICLR 2024): CRePE with row_coef = col_coef = 1, no neighborhood
-    term. ``act_exponent`` (RIA's ``a``) stays tunable; default 0.5.
+    term. ``act_exponent`` (RIA's ``a``) stays tunable; default 0.5. Unstructured scope
+    defaults to RIA's "matrix".
 
     ```yaml
     sparsity_stage:
@@ -448,12 +306,13 @@ class RIAPruningModifier(CRePEPruningModifier):
     method_name: ClassVar[str] = "ria"
 
     @classmethod
-    def _default_coefficients(cls, structure: str) -> dict:
-        return {**RIA_CONFIG.model_dump(), "scope": "matrix"}  # RIA's point, whatever CRePE's defaults are
+    def structure_defaults(cls, structure: str) -> tuple[CRePEConfig, str]:
+        return RIA_CONFIG, "matrix"  # RIA's point, whatever CRePE's defaults are
 
     @model_validator(mode="after")
     def _ria_only(self) -> "RIAPruningModifier":
-        if self.row_coef != 1.0 or self.col_coef != 1.0 or self.neighbor_coef != 0.0:
+        c = self.crepe_config
+        if c.row_coef != 1.0 or c.col_coef != 1.0 or c.neighbor_coef != 0.0:
             raise ValueError(
                 "RIAPruningModifier fixes row_coef = col_coef = 1 and neighbor_coef = 0; "
                 "use CRePEPruningModifier to change them"

@@ -6,7 +6,13 @@
 
 Writes into ``out_dir``: the Optuna study (``pho.db``, SQLite, unless a storage URL is
 given), the cached statistics, ``best_<proxy>.json`` and ``recipe_<proxy>.yaml`` (a
-drop-in CRePEPruningModifier stage), and ``report.md``.
+drop-in CRePEPruningModifier stage that prunes exactly what the search evaluated: the same
+layers, structure, sparsity, scope and coefficients), and ``report.md``.
+
+What the search does not choose comes from where the modifier takes it: kernel, border and
+neighbor_map from the structure's shipped defaults (``core.config.crepe_defaults``), the scope
+from ``core.config.default_scope``, the layers from the modifier's default targets and ignore
+list (``crepe_plugin.selection``) plus the caller's ``ignore``.
 """
 
 from __future__ import annotations
@@ -15,32 +21,33 @@ import json
 import time
 from pathlib import Path
 
-from ..core import PruningError, parse_structure
+from ..core import PruningError, crepe_defaults, default_scope, parse_structure
+from ..core.files import atomic_write
+from ..selection import PRUNABLE
 from .config import SearchConfig
-from .report import write_atomic, write_report
-from .search import run_search
-from .session import FIXED_DEFAULT, build_evaluator, load_session, stats_meta
+from .report import write_report
+from .search import fixed_part, run_search
+from .session import build_evaluator, load_session, search_ignore, stats_meta
 
 __all__ = ["search", "recipe_yaml"]
 
-def recipe_yaml(result: dict, structure: str, sparsity: float) -> str:
-    c = result["config"]
-    n, _ = parse_structure(structure)
-    lines = [
-        f"# CRePE coefficients found by PHO (proxy '{result['proxy']}', {result['trials']} trials,",
-        f"# study '{result['study_name']}'). Drop-in stage for an llm-compressor recipe.",
-        "sparsity_stage:",
-        "  sparsity_modifiers:",
-        "    CRePEPruningModifier:",
-        f'      mask_structure: "{structure if n else "0:0"}"',
-    ]
+
+def recipe_yaml(result: dict) -> str:
+    """A CRePEPruningModifier stage that prunes what the search ``result`` evaluated, with its best point."""
+    import yaml
+
+    n, _ = parse_structure(result["structure"])
+    args = {"mask_structure": result["structure"]}
     if not n:
-        lines.append(f"      sparsity: {sparsity}")
-    for k in ("row_coef", "col_coef", "neighbor_coef", "kernel_size", "act_exponent", "kernel", "border", "neighbor_map"):
-        v = c[k]
-        lines.append(f"      {k}: {round(v, 6) if isinstance(v, float) else (repr(v) if isinstance(v, str) else v)}")
-    lines += ['      targets: ["Linear"]', '      ignore: ["re:.*lm_head"]']
-    return "\n".join(lines).replace("'", '"') + "\n"
+        args.update(sparsity=result["sparsity"], scope=result["scope"])
+    args.update(result["config"])  # every coefficient, at full precision
+    args.update(targets=list(result["targets"]), ignore=list(result["ignore"]))
+    head = (
+        f"# CRePE coefficients found by PHO (proxy '{result['proxy']}', {result['trials']} trials,\n"
+        f"# study '{result['study_name']}'). Drop-in stage for an llm-compressor recipe.\n"
+    )
+    body = {"sparsity_stage": {"sparsity_modifiers": {"CRePEPruningModifier": args}}}
+    return head + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
 
 
 def search(
@@ -54,15 +61,18 @@ def search(
     seqlen: int = 512,
     seed: int = 0,
     fixed: dict | None = None,
-    scope: str = "matrix",
-    ignore: tuple[str, ...] = ("lm_head",),
+    scope: str | None = None,
+    ignore: tuple[str, ...] = (),
 ) -> dict:
     """Run PHO (resuming the stored study if any) and write its outputs into ``out_dir``.
 
-    ``ignore``: layers left out (name suffixes or 're:' regexes), e.g. a layer whose input
-    width is not divisible by M."""
+    ``fixed``: values for the fields PHO does not search (kernel, border, neighbor_map) instead
+    of the structure's defaults. ``scope`` (unstructured): default the structure's. ``ignore``:
+    layers left out besides the defaults (name suffixes or 're:' regexes), e.g. a layer whose
+    input width is not divisible by M."""
     cfg = config or SearchConfig()
     n, m = parse_structure(structure)
+    structure = f"{n}:{m}"
     if n and sparsity is not None and abs(sparsity - n / m) > 1e-9:
         raise PruningError(f"--sparsity {sparsity} contradicts --structure {structure}, which prunes {n}/{m}; "
                            "drop --sparsity for N:M, or give --structure 0:0 for unstructured")  # fmt: skip
@@ -72,23 +82,24 @@ def search(
         sparsity = n / m
     if not 0 < sparsity < 1:
         raise PruningError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
+    scope = scope or default_scope(structure)
+    ignore = search_ignore(ignore)
+    fixed = {**fixed_part(crepe_defaults(structure)), **(fixed or {})}
     out = Path(out_dir) if out_dir else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.storage is None:
             cfg = cfg.model_copy(update={"storage": f"sqlite:///{(out / 'pho.db').resolve()}"})
     mdl, _tok, batches = load_session(model, calib, num_samples, seqlen, seed)
-    meta = stats_meta(model, calib, num_samples, seqlen, seed, cfg.layers)
-    if tuple(ignore) != ("lm_head",):
-        meta["ignore"] = list(ignore)
-    ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope, tuple(ignore))
+    meta = stats_meta(model, calib, num_samples, seqlen, seed, cfg.layers, ignore)
+    ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope, ignore)
     t0 = time.perf_counter()
-    result = run_search(ev, cfg, {**FIXED_DEFAULT, **(fixed or {})}, identity=meta)
+    result = run_search(ev, cfg, fixed, identity=meta)
     result.update(info, search_seconds=time.perf_counter() - t0, structure=structure, sparsity=sparsity,
                   model=str(model), calib=str(calib), num_samples=num_samples, seqlen=seqlen, seed=seed,
-                  scope=scope, ignore=list(ignore))  # fmt: skip
+                  scope=scope, targets=list(PRUNABLE), ignore=ignore)  # fmt: skip
     if out is not None:
-        write_atomic(out / f"best_{cfg.proxy}.json", json.dumps(result, indent=2) + "\n")
-        write_atomic(out / f"recipe_{cfg.proxy}.yaml", recipe_yaml(result, structure, sparsity))
+        atomic_write(out / f"best_{cfg.proxy}.json", json.dumps(result, indent=2) + "\n")
+        atomic_write(out / f"recipe_{cfg.proxy}.yaml", recipe_yaml(result))
         write_report(out)
     return result

@@ -1,4 +1,4 @@
-"""Which layers PHO scores, and its statistics pass.
+"""Which layers PHO scores (those the pruner prunes), and its statistics pass.
 
 The statistics themselves (``CalibStats``, ``gather_stats``) live in ``crepe_plugin.core.stats``:
 one forward pass of the dense model records, for every targeted linear layer, the input
@@ -9,7 +9,6 @@ none reruns the model except the 'ppl' baseline, which must.
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 import torch
@@ -18,26 +17,17 @@ from tqdm.auto import tqdm
 
 from ..core.layers import decoder_layer
 from ..core.stats import CalibStats, gather_stats
+from ..selection import DEFAULT_IGNORE, PRUNABLE, select_layers
 
 __all__ = ["target_modules", "sample_layer_names", "statistics_pass", "STATS_FILE"]
 
 STATS_FILE = "calib_stats.safetensors"
 
 
-def target_modules(model: torch.nn.Module, ignore: Iterable[str] = ("lm_head",)) -> dict[str, torch.nn.Module]:
-    """Every Linear / Conv1D except those matched by an ``ignore`` entry: a name suffix, or
-    're:' and a regular expression (as llm-compressor's ignore lists)."""
-    suffixes = tuple(i for i in ignore if not i.startswith("re:"))
-    patterns = [re.compile(i[3:]) for i in ignore if i.startswith("re:")]
-
-    def ignored(n: str) -> bool:
-        return (bool(suffixes) and n.endswith(suffixes)) or any(p.match(n) for p in patterns)
-
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and not ignored(n)
-    }
+def target_modules(model: torch.nn.Module, ignore: Iterable[str] = DEFAULT_IGNORE) -> dict[str, torch.nn.Module]:
+    """The layers the pruner prunes with its default ``targets`` and this ``ignore`` list
+    (``crepe_plugin.selection``, the one layer predicate), in model order."""
+    return select_layers(model, PRUNABLE, ignore)
 
 
 def sample_layer_names(names: Iterable[str], layers: int | str) -> list[str]:

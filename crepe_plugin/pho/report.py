@@ -13,30 +13,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.files import atomic_write
 from .config import PROXY_NAMES
 
-__all__ = ["VALIDATION_FILE", "StudySummary", "ProxyFit", "ReportData", "report_data", "render_report", "write_report",
-           "write_atomic"]
+__all__ = ["VALIDATION_FILE", "StudySummary", "ProxyFit", "ReportData", "report_data", "render_report", "write_report"]
 
 VALIDATION_FILE = "validation.jsonl"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: several search processes
-    share one directory, and a reader must never see a half-written file."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save_figure(fig, path: Path) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -125,7 +107,7 @@ def _trajectories(studies: list[StudySummary], path: Path) -> None:
             ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
@@ -145,7 +127,7 @@ def _scatter(rows: list[dict], fits: list[ProxyFit], path: Path) -> None:
         ax.set_title(f"{p}: Spearman {fit.spearman:.2f}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
@@ -209,7 +191,7 @@ def render_report(data: ReportData, out_dir: str | Path) -> Path:
         if best_sample:
             lines.append(_row("best uniform sample", best_sample))
         lines.append("")
-    write_atomic(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
 
 

@@ -21,14 +21,20 @@ from typing import Any, Iterable
 import torch
 from loguru import logger
 
-from ..core import RIA_CONFIG, CRePEConfig, LayerShapeError, crepe_scores, parse_structure, prune_mask, set_weight, weight_out_in
+from ..core import (RIA_CONFIG, CRePEConfig, LayerStats, PruneConfig, PruningError, check_nm_width, layer_mask,
+                    parse_structure, prune_layer, set_weight, weight_out_in)  # fmt: skip
 from ..core.proxies import layer_proxy, output_energy, output_error_terms
 from ..core.stats import CalibStats
 from .config import SEARCHED, SearchConfig, SearchSpace
 
-__all__ = ["Evaluator", "run_search", "suggest_config", "RIA_PARAMS", "space_dims"]
+__all__ = ["Evaluator", "run_search", "suggest_config", "RIA_PARAMS", "space_dims", "fixed_part"]
 
 RIA_PARAMS = {k: getattr(RIA_CONFIG, k) for k in SEARCHED}  # the searched fields at RIA's point
+
+
+def fixed_part(config: CRePEConfig) -> dict[str, Any]:
+    """The fields of ``config`` a search keeps fixed (kernel, border, neighbor_map)."""
+    return {k: v for k, v in config.model_dump().items() if k not in SEARCHED}
 
 
 def space_dims(space: SearchSpace) -> dict[str, Any]:
@@ -93,27 +99,28 @@ class Evaluator:
         self.ppl_batches = ppl_batches or []
         self._energy: dict[str, float] = {}  # tr(W H W^T) per sampled layer: config-independent
         n, m = parse_structure(structure)
-        if n:  # refuse before any trial: a shape error inside Optuna would come as a logged traceback
-            for name, mod in modules.items():
-                cols = weight_out_in(mod).shape[1]
-                if cols % m:
-                    raise LayerShapeError(
-                        f"layer '{name}': input dimension {cols} is not divisible by M={m} for {structure}; "
-                        f"leave it out with --ignore (e.g. --ignore lm_head 're:.*{name.rsplit('.', 1)[-1]}')"
-                    )
+        # refuse before any trial: a shape error inside Optuna would come as a logged traceback
+        for name, mod in modules.items():
+            leaf = name.rsplit(".", 1)[-1]
+            check_nm_width(weight_out_in(mod).shape[1], m, name, f"leave it out with --ignore (e.g. --ignore '{leaf}')", n=n)
 
-    def _mask(self, name: str, cfg: CRePEConfig):
+    def _config(self, cfg: CRePEConfig) -> PruneConfig:
+        return PruneConfig(score=cfg, structure=self.structure, scope=self.scope)
+
+    def _sparsity(self, name: str) -> float:
+        return self.sparsity[name] if isinstance(self.sparsity, dict) else self.sparsity
+
+    def _mask(self, name: str, cfg: PruneConfig):
         w = weight_out_in(self.modules[name]).detach()
         s = self.stats.sq_norms[name].to(w.device)
-        scores = crepe_scores(w, s, cfg, layer_name=name)
-        sp = self.sparsity[name] if isinstance(self.sparsity, dict) else self.sparsity
-        mask = prune_mask(scores, sp, self.structure, self.scope, layer_name=name)
+        scores, mask = layer_mask(w, s, cfg, self._sparsity(name), name)
         return w, s, scores, mask
 
     @torch.no_grad()
-    def proxy(self, cfg: CRePEConfig, name: str) -> float:
+    def proxy(self, score: CRePEConfig, name: str) -> float:
         if name == "ppl":
-            return self.calib_ppl(cfg)
+            return self.calib_ppl(score)
+        cfg = self._config(score)
         if name == "energy":  # pooled: sum of errors over sum of output energies
             num = den = 0.0
             for layer in self.sampled:
@@ -136,14 +143,16 @@ class Evaluator:
         return float(sum(vals) / len(vals))
 
     @contextlib.contextmanager
-    def prune_model(self, cfg: CRePEConfig):
+    def prune_model(self, score: CRePEConfig):
+        """Every layer pruned with ``core.prune_layer`` as the modifier prunes it (mask only, dense statistics)."""
+        cfg = self._config(score)
         saved = {}
         try:
             with torch.no_grad():
                 for name, mod in self.modules.items():
-                    w, _, _, mask = self._mask(name, cfg)
+                    w = weight_out_in(mod).detach()
+                    pruned, _ = prune_layer(w, LayerStats(self.stats.sq_norms[name].to(w.device)), cfg, self._sparsity(name), layer_name=name)
                     saved[name] = mod.weight.data
-                    pruned = w.masked_fill(mask, 0)
                     set_weight(mod, pruned)
             yield self.model
         finally:
@@ -169,10 +178,8 @@ def _hillclimb_params(study, space: SearchSpace, seed: int) -> dict[str, Any]:
     The step starts at 20% of the range and halves after 2 * dims proposals without
     improvement. Deterministic given the study's history and the seed, so it resumes.
     """
-    import optuna
-
     dims = space_dims(space)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    done = _finished(study)
     if not done:
         return _clip_ria(space)
     best = min(done, key=lambda t: t.value)
@@ -228,47 +235,66 @@ def run_search(
 ) -> dict[str, Any]:
     """Run (or resume) the study until it holds ``cfg.trials`` completed trials.
 
-    ``fixed``: CRePEConfig fields not searched (kernel, border, neighbor_map).
-    ``identity``: what the trials were measured on; a stored study of other inputs is refused
-    rather than resumed (its trials would not be comparable).
-    Returns {"params", "config", "value", "proxy", "study_name", "trials", "trial_seconds"}.
+    ``fixed``: CRePEConfig fields not searched (kernel, border, neighbor_map; ``fixed_part`` of
+    the pruner's resolved config). ``identity``: what the trials were measured on; a stored
+    study of other inputs is refused rather than resumed (its trials would not be comparable).
+    Returns {"params", "config", "value", "proxy", "sampler", "study_name", "trials", "trial_seconds"}.
     """
     import optuna
 
-    fixed = dict(fixed or {})
-    space = cfg.bounds
-    name = cfg.study_name or default_study_name(evaluator.structure, evaluator.sparsity, cfg.proxy)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fixed = dict(fixed or {})
+    name = cfg.study_name or default_study_name(evaluator.structure, evaluator.sparsity, cfg.proxy)
+    study = _open_study(name, evaluator, cfg, fixed, identity)
+    _run_trials(study, name, cfg, _objective(evaluator, cfg, fixed), progress)
+    return _result(study, name, cfg, fixed)
+
+
+def _finished(study) -> list:
+    """The completed trials (failed or interrupted ones do not count)."""
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def _open_study(name: str, evaluator: Evaluator, cfg: SearchConfig, fixed: dict[str, Any], identity: dict[str, Any] | None):
+    """Create the study, or load it when its identity (what its trials were measured on) matches;
+    a new study starts with RIA's point as trial 0."""
+    import optuna
+
+    space = cfg.bounds
     study = optuna.create_study(
         study_name=name, storage=cfg.storage, direction="minimize", sampler=_sampler(cfg, space), load_if_exists=True
     )
+    sparsity = evaluator.sparsity if isinstance(evaluator.sparsity, float) else "map"
     ident = study_identity({
         **(identity or {}), "proxy": cfg.proxy, "structure": evaluator.structure, "scope": evaluator.scope,
-        "sparsity": evaluator.sparsity if isinstance(evaluator.sparsity, float) else "map",
-        "bounds": cfg.bounds.model_dump(), "fixed": fixed, "layers": cfg.layers,
+        "sparsity": sparsity, "bounds": cfg.bounds.model_dump(), "fixed": fixed, "layers": cfg.layers,
     })  # fmt: skip
     stored = study.user_attrs.get("identity")
     if stored is not None and stored != ident and study.get_trials(deepcopy=False):
-        from ..core.errors import PruningError
-
         raise PruningError(
             f"PHO study '{name}' in {cfg.storage or 'memory'} was measured on other inputs (model, calibration, "
             "samples, seqlen, seed, layers, structure, bounds or kernel choices differ); resuming would mix "
             "incomparable trials. Use another --out or --study, or delete the study to start afresh"
         )
-    study.set_user_attr("identity", ident)
-    study.set_user_attr("proxy", cfg.proxy)
-    study.set_user_attr("structure", evaluator.structure)
-    study.set_user_attr("sparsity", evaluator.sparsity if isinstance(evaluator.sparsity, float) else "map")
-    study.set_user_attr("sampler", cfg.sampler_name)
+    attrs = {"identity": ident, "proxy": cfg.proxy, "structure": evaluator.structure, "sparsity": sparsity,
+             "sampler": cfg.sampler_name}  # fmt: skip
+    for k, v in attrs.items():
+        study.set_user_attr(k, v)
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial({k: v for k, v in _clip_ria(space).items() if k in space_dims(space)}, user_attrs={"ria": True})
+    return study
+
+
+def _objective(evaluator: Evaluator, cfg: SearchConfig, fixed: dict[str, Any]):
+    """The proxy of one trial's point; an invalid point or a non-finite value prunes the trial."""
+    import optuna
+    from pydantic import ValidationError
 
     def objective(trial):
-        from pydantic import ValidationError
-
         try:
-            c = suggest_config(trial, space, fixed)
+            c = suggest_config(trial, cfg.bounds, fixed)
         except ValidationError as e:  # e.g. row_coef = col_coef = 0: no score at all
             raise optuna.TrialPruned(" ".join(str(e).split())) from None
         t0 = time.perf_counter()
@@ -279,34 +305,38 @@ def run_search(
             raise optuna.TrialPruned(f"non-finite proxy {v}")
         return v
 
-    def finished() -> int:  # failed or interrupted trials do not count
-        return sum(1 for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE)
+    return objective
 
+
+def _run_trials(study, name: str, cfg: SearchConfig, objective, progress: bool) -> None:
+    """One trial at a time until the study (shared with other processes, maybe) holds ``cfg.trials``."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.trials, initial=min(finished(), cfg.trials), desc=f"PHO ({cfg.proxy})", disable=not progress)
-    while finished() < cfg.trials:
-        others = len(study.get_trials(deepcopy=False)) - finished()
+    bar = tqdm(total=cfg.trials, initial=min(len(_finished(study)), cfg.trials), desc=f"PHO ({cfg.proxy})", disable=not progress)
+    while (done := len(_finished(study))) < cfg.trials:
+        others = len(study.get_trials(deepcopy=False)) - done
         if others > max(20, cfg.trials):
-            from ..core.errors import PruningError
-
             raise PruningError(
                 f"PHO study '{name}': {others} trials failed or were pruned (non-finite proxy or invalid point) "
-                f"and only {finished()} completed; check the bounds and the calibration data"
+                f"and only {done} completed; check the bounds and the calibration data"
             )
         if cfg.sampler_name == "hillclimb":
-            study.enqueue_trial(_hillclimb_params(study, space, cfg.seed))
+            study.enqueue_trial(_hillclimb_params(study, cfg.bounds, cfg.seed))
         study.optimize(objective, n_trials=1)
-        bar.n = min(finished(), cfg.trials)
+        bar.n = min(len(_finished(study)), cfg.trials)
         bar.refresh()
     bar.close()
+
+
+def _result(study, name: str, cfg: SearchConfig, fixed: dict[str, Any]) -> dict[str, Any]:
+    space = cfg.bounds
     best = study.best_trial
     params = {k: (getattr(space, k).low if getattr(space, k).low == getattr(space, k).high else best.params[k]) for k in SEARCHED}
-    config = CRePEConfig(**params, **fixed)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    out = {
+    done = _finished(study)
+    logger.info(f"PHO ({cfg.proxy}): best {cfg.proxy} {best.value:.6g} at {params} after {len(done)} trials")
+    return {
         "params": params,
-        "config": config.model_dump(),
+        "config": CRePEConfig(**params, **fixed).model_dump(),
         "value": best.value,
         "proxy": cfg.proxy,
         "sampler": cfg.sampler_name,
@@ -314,5 +344,3 @@ def run_search(
         "trials": len(done),
         "trial_seconds": sum(t.user_attrs.get("seconds", 0.0) for t in done),
     }
-    logger.info(f"PHO ({cfg.proxy}): best {cfg.proxy} {best.value:.6g} at {params} after {len(done)} trials")
-    return out

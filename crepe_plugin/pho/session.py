@@ -5,27 +5,39 @@ statistics (cached in the search directory), the evaluator over them, and the st
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from loguru import logger
 
-from ..core import RIA_CONFIG
 from ..core.stats import CalibStats
+from ..selection import DEFAULT_IGNORE, PRUNABLE
 from .calib import STATS_FILE, sample_layer_names, statistics_pass, target_modules
 from .config import SearchConfig
 from .search import Evaluator
 
-__all__ = ["FIXED_DEFAULT", "stats_meta", "load_session", "build_evaluator", "search_settings"]
-
-# what PHO does not search: RIA's kernel, border and map unless the caller fixes others
-FIXED_DEFAULT = {k: getattr(RIA_CONFIG, k) for k in ("kernel", "border", "neighbor_map")}
+__all__ = ["search_ignore", "stats_meta", "load_session", "build_evaluator", "search_settings"]
 
 
-def stats_meta(model: str, calib: str, num_samples: int, seqlen: int, seed: int, layers) -> dict:
-    return {"model": str(model), "calib": str(calib), "num_samples": num_samples, "seqlen": seqlen, "seed": seed, "layers": str(layers)}
+def search_ignore(entries: Iterable[str] = ()) -> list[str]:
+    """The ignore list of a search: the pruner's default ignores plus ``entries`` (name suffixes,
+    or 're:' regexes), written as the recipe's ``ignore`` entries (a suffix S as 're:.*S$')."""
+    out = list(DEFAULT_IGNORE)
+    for e in entries:
+        pattern = e if e.startswith("re:") else f"re:.*{re.escape(e)}$"
+        if pattern not in out:
+            out.append(pattern)
+    return out
+
+
+def stats_meta(model: str, calib: str, num_samples: int, seqlen: int, seed: int, layers,
+               ignore: Iterable[str] = DEFAULT_IGNORE) -> dict:  # fmt: skip
+    """What the cached statistics were gathered on (a cache of other settings is recomputed)."""
+    return {"model": str(model), "calib": str(calib), "num_samples": num_samples, "seqlen": seqlen, "seed": seed,
+            "layers": str(layers), "targets": list(PRUNABLE), "ignore": list(ignore)}  # fmt: skip
 
 
 def load_session(model: str, calib: str, num_samples: int, seqlen: int, seed: int):
@@ -53,9 +65,10 @@ def build_evaluator(
     cfg: SearchConfig,
     meta: dict,
     scope: str = "matrix",
-    ignore: tuple[str, ...] = ("lm_head",),
+    ignore: Iterable[str] = DEFAULT_IGNORE,
 ) -> tuple[Evaluator, dict]:
-    """Evaluator with statistics from ``out_dir``'s cache when its metadata matches."""
+    """Evaluator over the layers the pruner would prune (``calib.target_modules``), with statistics
+    from ``out_dir``'s cache when its metadata matches."""
     modules = target_modules(model, ignore)
     sampled = sample_layer_names(modules, cfg.layers)
     info: dict[str, Any] = {}

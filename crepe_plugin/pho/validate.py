@@ -11,13 +11,14 @@ from pathlib import Path
 from loguru import logger
 from tqdm.auto import tqdm
 
-from ..core import CRePEConfig
+from ..core import CRePEConfig, crepe_defaults
+from ..core.files import atomic_write
 from ..core.stats import CalibStats
 from .calib import STATS_FILE
 from .config import PROXY_NAMES, SEARCHED, SearchConfig, SearchSpace
 from .report import VALIDATION_FILE, write_report
-from .search import RIA_PARAMS
-from .session import FIXED_DEFAULT, build_evaluator, load_session, search_settings, stats_meta
+from .search import RIA_PARAMS, fixed_part
+from .session import build_evaluator, load_session, search_ignore, search_settings, stats_meta
 
 __all__ = ["validate", "sample_configs"]
 
@@ -58,13 +59,13 @@ def validate(
     if (out / STATS_FILE).is_file():  # score the proxies on the layers the search sampled
         layers = CalibStats.load(out / STATS_FILE).meta.get("layers", "6")
         cfg = SearchConfig(layers="all" if layers == "all" else int(layers))
-    seed = st.get("seed", 0)  # the search's own calibration windows
-    model, tok, batches = load_session(st["model"], st["calib"], st["num_samples"], st["seqlen"], seed)
-    meta = stats_meta(st["model"], st["calib"], st["num_samples"], st["seqlen"], seed, cfg.layers)
-    ignore = tuple(st.get("ignore", ("lm_head",)))
-    if ignore != ("lm_head",):
-        meta["ignore"] = list(ignore)
+    calib_seed = st.get("seed", 0)  # the search's own calibration windows; ``seed`` draws the samples
+    ignore = search_ignore(st.get("ignore", ()))
+    model, tok, batches = load_session(st["model"], st["calib"], st["num_samples"], st["seqlen"], calib_seed)
+    meta = stats_meta(st["model"], st["calib"], st["num_samples"], st["seqlen"], calib_seed, cfg.layers, ignore)
     ev, _ = build_evaluator(model, batches, out, st["structure"], st["sparsity"], cfg, meta, st.get("scope", "matrix"), ignore)
+    # what the search kept fixed (kernel, border, neighbor_map), as it stored it
+    fixed = fixed_part(CRePEConfig(**st["config"]) if "config" in st else crepe_defaults(st["structure"]))
     ids = tok(read_text(eval_text), return_tensors="pt").input_ids
 
     points = [("ria", RIA_PARAMS)]
@@ -81,18 +82,16 @@ def validate(
         for name in proxies:
             if name not in r:
                 t0 = time.perf_counter()
-                r[name] = ev.proxy(CRePEConfig(**r["params"], **FIXED_DEFAULT), name)
+                r[name] = ev.proxy(CRePEConfig(**r["params"], **fixed), name)
                 r[f"{name}_seconds"] = time.perf_counter() - t0
                 filled = True
     if filled:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     for kind, p in tqdm(points, desc="PHO validation"):
         key = json.dumps(p, sort_keys=True)
         if key in done:
             continue
-        c = CRePEConfig(**p, **FIXED_DEFAULT)
+        c = CRePEConfig(**p, **fixed)
         row = {"kind": kind, "params": p}
         for name in proxies:
             t0 = time.perf_counter()
