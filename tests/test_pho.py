@@ -122,7 +122,7 @@ def test_gather_stats_rejects_empty_data():
         gather_stats(model, [], target_modules(model))
 
 
-def test_search_starts_at_ria_never_reruns_the_model_and_beats_or_ties_ria(tiny):
+def test_search_starts_at_ria_and_never_reruns_the_model(tiny):
     model, mods, sampled, stats = tiny
     calls = []
     hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -132,13 +132,37 @@ def test_search_starts_at_ria_never_reruns_the_model_and_beats_or_ties_ria(tiny)
     finally:
         hook.remove()
     assert calls == []  # no trial ran the model: statistics are cached
-    ria = ev.proxy(RIA_CONFIG, "recon")
-    assert res["value"] <= ria
     assert res["trials"] == 10
     space = SearchSpace()
     for k, v in res["params"].items():
         r = getattr(space, k)
         assert r.low <= v <= r.high
+
+
+def _one_layer_case(seed=0):
+    """One linear layer whose inputs span two decades of scale: RIA's a = 0.5 (and its column
+    term) under-weights the loud inputs; the output-error optimum is near Wanda's point (a = 1,
+    no column term), which lies inside the search space."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-1, 1, 64)[torch.randperm(64, generator=g)]  # mixed within every group of 4
+    X = torch.randn(512, 64, generator=g) * scale  # tokens x inputs
+    lin = torch.nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 64, generator=g) * torch.exp(torch.randn(32, 64, generator=g) * 0.5))
+    H = 2 * X.t() @ X / 8  # 8 samples of 64 tokens, as HessianStats scales it
+    stats = CalibStats({"l": torch.diagonal(H) / 2}, {"l": H}, {"l": "l"}, 8)
+    return torch.nn.Sequential(lin), {"l": lin}, stats
+
+
+def test_search_finds_a_better_point_than_ria_where_one_exists():
+    model, mods, stats = _one_layer_case()
+    ev = Evaluator(model, mods, stats, "2:4", 0.5)
+    ria = ev.proxy(RIA_CONFIG, "recon")
+    wanda = ev.proxy(CRePEConfig(row_coef=1.0, col_coef=0.0, act_exponent=1.0), "recon")
+    assert wanda < 0.8 * ria  # a better point exists
+    res = run_search(ev, SearchConfig(proxy="recon", trials=16), progress=False)
+    assert res["value"] < 0.9 * ria and res["params"] != RIA_PARAMS  # and the search moved to one
+    assert ev.proxy(CRePEConfig(**res["config"]), "recon") == pytest.approx(res["value"], rel=1e-9)
 
 
 def test_energy_proxy_pools_the_layers(tiny):
@@ -179,12 +203,19 @@ def test_resume_continues_the_stored_study(tiny, tmp_path):
     assert study.trials[0].params == {k: v for k, v in RIA_PARAMS.items()}
 
 
-def test_ppl_baseline_hill_climbs(tiny):
+def test_ppl_baseline_hill_climbs(tiny, tmp_path):
+    """Each proposal moves one coordinate of the best point so far, and the climb leaves RIA."""
     model, mods, sampled, stats = tiny
     ev = Evaluator(model, mods, stats, "2:4", 0.5, sampled=sampled, ppl_batches=_batches(2, seed=5))
-    res = run_search(ev, SearchConfig(proxy="ppl", trials=6), progress=False)
+    url = f"sqlite:///{tmp_path / 'hc.db'}"
+    res = run_search(ev, SearchConfig(proxy="ppl", trials=8, storage=url, study_name="hc"), progress=False)
     assert res["sampler"] == "hillclimb"
-    assert res["value"] <= ev.calib_ppl(RIA_CONFIG) + 1e-9
+    trials = optuna.load_study(study_name="hc", storage=url).trials
+    assert trials[0].params == RIA_PARAMS
+    for i in range(1, len(trials)):
+        best = min(trials[:i], key=lambda t: t.value)
+        assert sum(trials[i].params[k] != best.params[k] for k in RIA_PARAMS) == 1, (i, trials[i].params)
+    assert res["value"] < ev.calib_ppl(RIA_CONFIG) and res["params"] != RIA_PARAMS
 
 
 def test_search_config_validation():
@@ -204,7 +235,7 @@ def test_search_config_validation():
 llmc = pytest.importorskip("llmcompressor")
 
 
-def test_recipe_search_block_runs_pho_and_records_it(tmp_path, tiny_model_dir):
+def test_recipe_search_block_runs_pho_and_records_it(tmp_path, tiny_model_dir, calib_file):
     from safetensors.torch import load_file
 
     import crepe_plugin  # noqa: F401
@@ -224,6 +255,18 @@ def test_recipe_search_block_runs_pho_and_records_it(tmp_path, tiny_model_dir):
     sd = load_file(out / "model.safetensors")
     ws = [v for k, v in sd.items() if k.endswith("proj.weight")]
     assert ws and all(is_nm(w, 2, 4) for w in ws)
+    # `crepe search` searches the same space: what PHO does not search (kernel, border, map) is fixed
+    # at the same values in both entry points
+    from crepe_plugin.pho.api import search
+
+    res = search(str(tiny_model_dir), str(calib_file), "2:4", config=SearchConfig(proxy="diag", trials=2, layers=1),
+                 num_samples=2, seqlen=32)  # fmt: skip
+    fixed = ("kernel", "border", "neighbor_map")
+    assert {k: res["config"][k] for k in fixed} == {k: rec["config"][k] for k in fixed}
+    # `crepe verify` reads the record's coefficients back as the config the layers were pruned with
+    from crepe_plugin.checkpoint.verify import verify_checkpoint
+
+    assert verify_checkpoint(out).config == CRePEConfig(**{k: rec["config"][k] for k in CRePEConfig.model_fields})
 
 
 def test_recipe_search_rejects_ppl():
@@ -294,3 +337,81 @@ def test_a_study_of_other_inputs_is_refused_not_resumed(tiny, tmp_path):
         run_search(ev, cfg.model_copy(update={"trials": 5}), identity={"model": "a", "seed": 1}, progress=False)
     with pytest.raises(PruningError, match="other inputs"):
         run_search(ev, cfg.model_copy(update={"trials": 5}), {"kernel": "gaussian"}, identity={"model": "a", "seed": 0}, progress=False)
+
+
+@pytest.mark.parametrize(
+    "arch,structure,extra,ignore",
+    [("llama", "0:0", ["--sparsity", "0.5"], "o_proj"), ("llama", "2:4", [], "o_proj"), ("gpt2", "2:4", [], "attn.c_proj")],
+)
+def test_search_recipe_prunes_what_the_search_evaluated(arch, structure, extra, ignore, tmp_path, calib_file):
+    """`crepe search` (here with --ignore) writes a recipe; `crepe prune` with it prunes the same layers
+    with the same masks as the search evaluated at its best point: same scope at 0:0, the user's
+    ignore, Conv1D layers (GPT-2). One decoder layer, so the pruner's statistics are the dense ones."""
+    from safetensors.torch import load_file
+
+    from crepe_plugin.cli import main
+    from crepe_plugin.core import weight_out_in
+    from crepe_plugin.pho.calib import STATS_FILE
+    from crepe_plugin.pho.session import load_session
+    from crepe_plugin.testing import save_tiny_gpt2, save_tiny_llama
+
+    model = (save_tiny_gpt2 if arch == "gpt2" else save_tiny_llama)(tmp_path / "m", layers=1)
+    common = ["--calib", str(calib_file), "--num-samples", "4", "--seqlen", "64", "--seed", "0"]
+    out = tmp_path / "search"
+    assert main(["search", str(model), *common, "--structure", structure, *extra, "--trials", "3", "--layers", "all",
+                 "--proxy", "recon", "--ignore", ignore, "--out", str(out)]) == 0  # fmt: skip
+    best = json.loads((out / "best_recon.json").read_text())
+
+    # the masks the search evaluated at its best point (its cached statistics, its layers)
+    dense, _, _ = load_session(str(model), str(calib_file), 4, 64, 0)
+    stats = CalibStats.load(out / STATS_FILE)
+    layers = {n: dense.get_submodule(n) for n in stats.sq_norms}
+    assert layers and not any(n.endswith(ignore) for n in layers)
+    ev = Evaluator(dense, layers, stats, best["structure"], best["sparsity"], best["scope"])
+    with ev.prune_model(CRePEConfig(**best["config"])):
+        searched = {n: weight_out_in(m) == 0 for n, m in layers.items()}
+
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(model), "--recipe", str(out / "recipe_recon.yaml"), *common, "--out", str(pruned)]) == 0
+    record = json.loads((pruned / "config.json").read_text())["crepe_sparsity"]
+    assert sorted(record["modules"]) == sorted(searched)
+    sd = load_file(pruned / "model.safetensors")
+    for name, mask in searched.items():
+        w = sd[f"{name}.weight"]
+        assert torch.equal((w.t() if record["modules"][name].get("layout") == "in_out" else w) == 0, mask), name
+
+
+def test_search_validate_seed_draws_the_samples(tmp_path, tiny_model_dir, calib_file):
+    """`crepe search-validate --seed` chooses the sampled configurations (the search's own seed
+    still chooses the calibration windows)."""
+    from crepe_plugin.cli import main
+    from crepe_plugin.pho.validate import sample_configs
+
+    out = tmp_path / "s"
+    assert main(["search", str(tiny_model_dir), "--calib", str(calib_file), "--trials", "2", "--layers", "1", "--proxy", "diag",
+                 "--num-samples", "2", "--seqlen", "32", "--out", str(out)]) == 0  # fmt: skip
+    evalf = tmp_path / "eval.txt"
+    evalf.write_text(calib_file.read_text()[::-1][:5000])
+    assert main(["search-validate", str(out), "--eval", str(evalf), "--samples", "2", "--eval-seqlen", "32",
+                 "--eval-segments", "1", "--proxies", "diag", "--seed", "7"]) == 0  # fmt: skip
+    rows = [json.loads(x) for x in (out / "validation.jsonl").read_text().splitlines()]
+    sampled = [r["params"] for r in rows if r["kind"] == "sample"]
+    assert sampled == sample_configs(SearchSpace(), 2, 7) != sample_configs(SearchSpace(), 2, 0)
+
+
+def test_pho_scores_the_layers_the_pruner_prunes(tmp_path):
+    """PHO's layers are the modifier's: no vision tower or projector (LLaVA), no Linear router
+    (Qwen2-MoE's shared_expert_gate), no lm_head."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration, Qwen2MoeConfig
+
+    from crepe_plugin import CRePEPruningModifier
+    from crepe_plugin.testing import save_tiny_llava
+
+    llava = LlavaForConditionalGeneration.from_pretrained(save_tiny_llava(tmp_path / "llava"))
+    moe = AutoModelForCausalLM.from_config(Qwen2MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2))  # fmt: skip
+    for model, kept_dense in ((llava, ("vision_tower", "multi_modal_projector", "lm_head")), (moe, ("shared_expert_gate", "lm_head"))):
+        layers = target_modules(model)
+        assert layers and not any(k in n for n in layers for k in kept_dense), sorted(layers)
+        assert layers == CRePEPruningModifier(mask_structure="2:4").prunable_layers(model)

@@ -39,8 +39,10 @@ def test_dense_everywhere_and_a_margin():
     timer, probes, _ = _fake(lambda which, t: 1.0 if which == "sparse" else 1.01)  # 1% faster: under the margin
     d = Dispatcher(timer, margin=1.02).decision((64, 64, "bf16"), probes("sparse"), probes("dense"))
     assert not d.any_sparse and not d.use_sparse(4096)
-    assert decide({t: (1.0, 2.0) for t in GRID}) and Dispatcher(timer).decision(
-        (1, 1, "x"), lambda t: (lambda: 1.0), lambda t: (lambda: 2.0)).all_sparse  # fmt: skip
+    assert [(b.max_tokens, b.sparse) for b in decide({t: (1.0, 2.0) for t in GRID})] == [(None, True)]
+    timer, probes, _ = _fake(lambda which, t: 1.0 if which == "sparse" else 2.0)  # sparse twice as fast everywhere
+    d = Dispatcher(timer).decision((64, 64, "bf16"), probes("sparse"), probes("dense"))
+    assert d.all_sparse and d.use_sparse(1) and d.use_sparse(100_000)
 
 
 def test_sparse_then_dense_then_sparse():

@@ -257,6 +257,13 @@ def _finished(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
 
 
+def _waiting(study) -> list:
+    """Enqueued trials not yet run (RIA's point at the start)."""
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+
+
 def _open_study(name: str, evaluator: Evaluator, cfg: SearchConfig, fixed: dict[str, Any], identity: dict[str, Any] | None):
     """Create the study, or load it when its identity (what its trials were measured on) matches;
     a new study starts with RIA's point as trial 0."""
@@ -320,7 +327,7 @@ def _run_trials(study, name: str, cfg: SearchConfig, objective, progress: bool) 
                 f"PHO study '{name}': {others} trials failed or were pruned (non-finite proxy or invalid point) "
                 f"and only {done} completed; check the bounds and the calibration data"
             )
-        if cfg.sampler_name == "hillclimb":
+        if cfg.sampler_name == "hillclimb" and not _waiting(study):  # one proposal at a time, from all results so far
             study.enqueue_trial(_hillclimb_params(study, cfg.bounds, cfg.seed))
         study.optimize(objective, n_trials=1)
         bar.n = min(len(_finished(study)), cfg.trials)
