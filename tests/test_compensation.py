@@ -181,3 +181,35 @@ def test_adaptive_unstructured_row_scope_prunes_each_row_equally():
     W, _, hs, _ = _problem(rows=24, cols=64, seed=6)
     _, mask = compensate_adaptive_unstructured(W, hs.H, 0.5, crepe_saliency(W, CRePEConfig()), "row", 0.01, 32)
     assert torch.equal(mask.sum(1), torch.full((24,), 32))
+
+
+@pytest.mark.parametrize("structure,sparsity", [("2:4", None), ("0:0", 0.6)])
+def test_prune_layer_is_the_score_mask_and_compensation_composed(structure, sparsity):
+    """``core.prune_layer`` (the modifier's per-Linear step) is exactly: CRePE's score and the
+    structure's mask; then, with reconstruction, OBS on that mask (or the adaptive sweep) and CG."""
+    from crepe_plugin.core import (CRePEConfig, LayerStats, PruneConfig, Reconstruction, compensate_adaptive_nm,
+                                   compensate_adaptive_unstructured, crepe_saliency, prune_layer)  # fmt: skip
+
+    W, _, hs, ns = _problem(seed=7)
+    score = CRePEConfig(row_coef=2.0, neighbor_coef=0.2, act_exponent=0.8)
+    sp = sparsity if sparsity is not None else 0.5
+    mask = prune_mask(crepe_scores(W, ns.value(), score), sp, structure, "row")
+    pruned, got = prune_layer(W, LayerStats(ns.value()), PruneConfig(score=score, structure=structure, scope="row"), sparsity)
+    assert torch.equal(got, mask) and torch.equal(pruned, W.masked_fill(mask, 0))
+
+    fixed = PruneConfig(score=score, structure=structure, scope="row", reconstruction=Reconstruction(refine_steps=5))
+    pruned, got = prune_layer(W, LayerStats(hs.input_sq_norm(), hs.H), fixed, sparsity)
+    mask = prune_mask(crepe_scores(W, hs.input_sq_norm(), score), sp, structure, "row")
+    want = refine_fixed_mask(W, compensate_fixed_mask(W, hs.H, mask), hs.H, mask, 5)
+    assert torch.equal(got, mask) and torch.equal(pruned, want)
+
+    adaptive = fixed.model_copy(update={"reconstruction": Reconstruction(mask_selection="adaptive", refine_steps=5)})
+    pruned, got = prune_layer(W, LayerStats(hs.input_sq_norm(), hs.H), adaptive, sparsity)
+    sal = crepe_saliency(W, score)
+    if sparsity is None:
+        start, mask = compensate_adaptive_nm(W, hs.H, 2, 4, sal)
+    else:
+        start, mask = compensate_adaptive_unstructured(W, hs.H, sparsity, sal, "row")
+    assert torch.equal(got, mask) and torch.equal(pruned, refine_fixed_mask(W, start, hs.H, mask, 5))
+    with pytest.raises(CalibrationError, match="Hessian"):
+        prune_layer(W, LayerStats(ns.value()), fixed, sparsity, layer_name="l0")

@@ -273,3 +273,28 @@ def test_input_norm_stats_match_wanda_formula():
 def test_empty_stats_is_error():
     with pytest.raises(CalibrationError, match="layer 'l'"):
         InputNormStats(4).value("l")
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    from crepe_plugin.core.files import atomic_write
+
+    f = tmp_path / "best.json"
+    atomic_write(f, "one")
+    temps = []
+
+    def half_then_fail(tmp):
+        temps.append(tmp)
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(f, half_then_fail)
+    assert f.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]
+    atomic_write(f, lambda tmp: (temps.append(tmp), tmp.write_text("two")))
+    assert f.read_text() == "two" and temps[0] != temps[1]  # a fresh temporary name per write
+    assert temps[0].suffix == ".json"  # a writer that picks its format by suffix (savefig) sees the target's
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "old.bin").write_text("x")
+    atomic_write(d, lambda tmp: (tmp.mkdir(), (tmp / "new.bin").write_text("y")))  # a directory replaces one
+    assert sorted(p.name for p in d.iterdir()) == ["new.bin"]

@@ -285,3 +285,32 @@ def test_docstring_yaml_shows_the_shipped_defaults():
     args = yaml.safe_load(textwrap.dedent(block))["sparsity_stage"]["sparsity_modifiers"]["CRePEPruningModifier"]
     assert set(CRePEConfig.model_fields) <= set(args)  # every coefficient is shown
     assert CRePEPruningModifier(**args).crepe_config == CREPE_DEFAULTS["nm"]
+
+
+def test_one_layer_predicate_selects_for_targets_ignore_and_sparsity_keys(tmp_path):
+    """``crepe_plugin.selection``: targets / ignore as llm-compressor reads them (names, containers,
+    classes, 're:'), the default ignores, Conv1D; a sparsity-map key selects as a target does."""
+    from transformers import AutoModelForCausalLM
+
+    from crepe_plugin.modifiers.base import layer_sparsities
+    from crepe_plugin.selection import layer_filter, select_layers
+    from crepe_plugin.testing import save_tiny_gpt2
+
+    model = tiny_llama(layers=2)
+    names = [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]  # fmt: skip
+    assert list(select_layers(model)) == names  # every Linear but the lm_head, in model order
+    assert list(select_layers(model, ["model.layers.1"], [])) == names[7:]  # a container by name
+    assert list(select_layers(model, "LlamaMLP", ["re:.*up_proj$"])) == [n for n in names if "gate" in n or "down" in n]
+    keep = layer_filter(model, ["re:.*q_proj$"])
+    assert keep(model.model.layers[0].self_attn.q_proj, names[0]) and not keep(model.model.layers[0].self_attn.k_proj, names[1])
+    gpt2 = AutoModelForCausalLM.from_pretrained(save_tiny_gpt2(tmp_path / "gpt2", layers=1))
+    assert list(select_layers(gpt2)) == [f"transformer.h.0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+    layers = select_layers(model)
+    sp = layer_sparsities({"model.layers.0": 0.3, "re:.*down_proj$": 0.7, "LlamaAttention": 0.2, "default": 0.5}, model, layers)
+    assert sp == {n: 0.3 if n.startswith("model.layers.0.") else 0.7 if "down" in n else 0.2 if "attn" in n else 0.5 for n in names}
+    with pytest.raises(PruningError, match="match no targeted layer"):
+        layer_sparsities({"re:.*nothing": 0.5, "default": 0.5}, model, layers)
+    with pytest.raises(PruningError, match="no entry for layer"):
+        layer_sparsities({"model.layers.0": 0.5}, model, layers)
