@@ -28,6 +28,7 @@ def main():
 
     from crepe_plugin.core import (
         CREPE_DEFAULTS,
+        DEFAULT_SCOPE,
         RIA_CONFIG,
         CRePEConfig,
         compensate_adaptive_nm,
@@ -46,10 +47,8 @@ def main():
     mods = target_modules(model)
     names = [n for n in mods if st.H(n) is not None]
     sgpt = CRePEConfig(row_coef=1.0, col_coef=0.0, act_exponent=1.0)
-    nm_default = CRePEConfig(**CREPE_DEFAULTS["nm"])
-    un = dict(CREPE_DEFAULTS["unstructured"])
-    un_scope = un.pop("scope")
-    un_default = CRePEConfig(**un)
+    nm_default = CREPE_DEFAULTS["nm"]
+    un_default, un_scope = CREPE_DEFAULTS["unstructured"], DEFAULT_SCOPE["unstructured"]
     k = a.refine_steps
 
     def sparsegpt_rule(w, cols, inv_d):  # SparseGPT's unnormalised w^2 / U_jj^2 (outside CRePE's space unstructured)

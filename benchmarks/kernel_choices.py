@@ -1,7 +1,7 @@
 """Measure CRePE's fixed neighborhood choices (kernel shape, border, map) on a real model.
 
-PHO searches the coefficients and the kernel size with kernel=box, border=mean, map=ri held
-fixed. This script takes one searched point (a ``best_<proxy>.json`` of a ``crepe search``
+PHO searches the coefficients and the kernel size with kernel, border and map held fixed (at
+the structure's defaults; box/mean/ri in the searches this script was first run on). This script takes one searched point (a ``best_<proxy>.json`` of a ``crepe search``
 directory), varies the three choices over every combination, prunes every targeted layer from
 the search's cached dense statistics (as ``crepe search-validate`` does), and prints held-out
 perplexity and the energy proxy for each. Rows are appended to --results (JSONL, resumable).

@@ -38,10 +38,11 @@ def main():
     from crepe_plugin.data import read_text
     from crepe_plugin.evaluate import perplexity_of_ids
     from crepe_plugin.pho import SearchConfig
-    from crepe_plugin.pho.session import FIXED_DEFAULT, build_evaluator, load_session, stats_meta as _stats_meta
-    from crepe_plugin.pho.search import RIA_PARAMS, run_search
+    from crepe_plugin.pho.session import build_evaluator, load_session, stats_meta as _stats_meta
+    from crepe_plugin.pho.search import RIA_PARAMS, fixed_part, run_search
 
     src = json.loads((Path(a.source) / f"best_{a.proxy}.json").read_text())
+    fixed = fixed_part(CRePEConfig(**src["config"]))  # kernel, border and map as the source search fixed them
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = SearchConfig(proxy=a.proxy, trials=max(a.trials, 1), storage=f"sqlite:///{(out / 'pho.db').resolve()}")
@@ -52,7 +53,7 @@ def main():
     rows = []
 
     def measure(label, params):
-        c = CRePEConfig(**params, **FIXED_DEFAULT)
+        c = CRePEConfig(**params, **fixed)
         prox = ev.proxy(c, a.proxy)
         with ev.prune_model(c) as m:
             ppl = perplexity_of_ids(m, ids, a.eval_seqlen, a.eval_segments, progress=False)
@@ -65,7 +66,7 @@ def main():
     measure(f"PHO on {src['model']} (transferred)", src["params"])
     if a.trials:
         t0 = time.perf_counter()
-        res = run_search(ev, cfg, FIXED_DEFAULT)
+        res = run_search(ev, cfg, fixed)
         measure(f"PHO on {a.target} ({time.perf_counter() - t0:.0f} s)", res["params"])
     (out / "transfer.json").write_text(json.dumps({"source": src, "target": a.target, "rows": rows, **info}, indent=2))
     print(f"\ntarget {a.target}, {src['structure']}, held-out {Path(a.eval).name} ({a.eval_segments} x {a.eval_seqlen} tokens)")

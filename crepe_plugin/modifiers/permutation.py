@@ -34,7 +34,7 @@ from pydantic import Field, PrivateAttr
 
 from ..compat.compressed_tensors import align_module_device, get_execution_device, update_offload_parameter
 from ..compat.llmcompressor import State
-from ..core import CRePEConfig, InputNormStats, PruningError, crepe_scores
+from ..core import CRePEConfig, InputNormStats, LayerShapeError, PruningError, check_nm_width, crepe_scores
 from ..core.permutation import find_permutation, kept_importance, stacked_head_scores
 from ..selection import select_layers
 from .base import LayerwiseModifier
@@ -109,8 +109,10 @@ class ChannelPermutationModifier(LayerwiseModifier):
         n, m = self._n, self._m
         with align_module_device(module):
             w = module.weight.detach()
-            if w.shape[1] % m:
-                logger.warning(f"channel permutation: '{name}' has {w.shape[1]} inputs, not divisible by {m}; not permuted")
+            try:
+                check_nm_width(w.shape[1], m, name, "not permuted", n=n)
+            except LayerShapeError as e:
+                logger.warning(f"channel permutation: {e}")
                 return
             scores = crepe_scores(w, stats.value(name).to(w.device), self._cfg, layer_name=name)
         before = kept_importance(scores, n, m)
