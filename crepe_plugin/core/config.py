@@ -114,17 +114,18 @@ CREPE_DEFAULTS: dict[str, CRePEConfig] = {
 DEFAULT_SCOPE: dict[str, str] = {"nm": "matrix", "unstructured": "row"}
 
 
-def _kind(structure: str) -> str:
+def _kind(structure: str | tuple[int, int]) -> str:
     from .masks import parse_structure
 
-    return "nm" if parse_structure(structure)[0] else "unstructured"
+    n = structure[0] if isinstance(structure, tuple) else parse_structure(structure)[0]
+    return "nm" if n else "unstructured"
 
 
-def crepe_defaults(structure: str) -> CRePEConfig:
-    """The shipped default coefficients for 'N:M' or '0:0'."""
+def crepe_defaults(structure: str | tuple[int, int]) -> CRePEConfig:
+    """The shipped default coefficients for 'N:M' or '0:0' (or a parsed (N, M))."""
     return CREPE_DEFAULTS[_kind(structure)]
 
 
-def default_scope(structure: str) -> str:
-    """The shipped default scope for 'N:M' or '0:0'."""
+def default_scope(structure: str | tuple[int, int]) -> str:
+    """The shipped default scope for 'N:M' or '0:0' (or a parsed (N, M))."""
     return DEFAULT_SCOPE[_kind(structure)]

@@ -127,8 +127,8 @@ class CRePEPruningModifier(PruningModifier):
 
     # ---------------------------------------------------------------- the one resolved configuration
     @classmethod
-    def structure_defaults(cls, structure: str) -> tuple[CRePEConfig, str]:
-        """(coefficients, scope) for the fields a recipe leaves out."""
+    def structure_defaults(cls, structure: tuple[int, int]) -> tuple[CRePEConfig, str]:
+        """(coefficients, scope) for the fields a recipe leaves out, for the parsed (N, M)."""
         return crepe_defaults(structure), default_scope(structure)
 
     @field_validator("search", mode="after")
@@ -147,7 +147,7 @@ class CRePEPruningModifier(PruningModifier):
         refuses a degenerate score, row_coef = col_coef = 0, at parse time)."""
         if self.mask_selection == "adaptive" and not self.reconstruct:
             raise ValueError("mask_selection 'adaptive' chooses the mask during reconstruction; set reconstruct: true")
-        base, scope = self.structure_defaults(self.mask_structure)
+        base, scope = self.structure_defaults(self.structure)
         recon = None
         if self.reconstruct:
             recon = Reconstruction(mask_selection=self.mask_selection, dampening_frac=self.dampening_frac,
@@ -306,7 +306,7 @@ class RIAPruningModifier(CRePEPruningModifier):
     method_name: ClassVar[str] = "ria"
 
     @classmethod
-    def structure_defaults(cls, structure: str) -> tuple[CRePEConfig, str]:
+    def structure_defaults(cls, structure: tuple[int, int]) -> tuple[CRePEConfig, str]:
         return RIA_CONFIG, "matrix"  # RIA's point, whatever CRePE's defaults are
 
     @model_validator(mode="after")
