@@ -164,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from .data import TextSourceError, TestTextError
         from .evaluate import EvalError
+        from .outputs import OutputError
 
         known = (PruningError, RecipeError, CheckpointError, FileExistsError, FileNotFoundError, TestTextError,
-                 EvalError, UsageError, TextSourceError)  # fmt: skip
+                 EvalError, UsageError, TextSourceError, OutputError)  # fmt: skip
         try:
             from pydantic import ValidationError
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["RecipeError", "load_recipe", "resolve_model", "prune", "atomic_output"]
+from .outputs import INCOMPLETE_MARKER, OutputError, atomic_output  # noqa: F401  (re-exported)
 
-INCOMPLETE_MARKER = ".crepe-incomplete"
+__all__ = ["RecipeError", "OutputError", "load_recipe", "resolve_model", "prune", "atomic_output", "INCOMPLETE_MARKER"]
 
 
 class RecipeError(ValueError):
@@ -110,99 +108,30 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def _fsync_tree(d: Path) -> None:
-    """Flush every file under ``d`` and the directories themselves to disk."""
-    for f in sorted(d.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    for sub in [d, *sorted(x for x in d.rglob("*") if x.is_dir())]:
-        _fsync_dir(sub)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
+def local_model_dir(model: str) -> Path | None:
+    """The folder a model is read from: a local path, or a hub name's cache folder."""
+    if Path(model).exists():
+        return Path(model).resolve()
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return None
+    d = Path(HF_HUB_CACHE) / f"models--{model.replace('/', '--')}"
+    return d if "/" in model and d.is_dir() else None
 
 
-class atomic_output:
-    """Context manager: write into a hidden sibling directory, rename onto ``out`` on success.
+def input_paths(model: str, recipe=None, calib: str | None = None) -> list[tuple[str, Path]]:
+    """(what, path) of every local input a command reads: no output may be, hold or lie inside one."""
+    from .data import split_source
 
-    - An interrupted run (exception, Ctrl-C, SIGTERM) leaves no ``out`` and removes its own
-      temporary directory; a killed one leaves only ``.NAME.tmp-PID`` marked incomplete, which
-      the next run into the same ``out`` removes.
-    - The written files and directories are fsynced before the rename.
-    - With ``overwrite``, the old checkpoint is first renamed to ``.NAME.old-PID`` and the new
-      one renamed into place; the old one is removed only after that. A crash between the two
-      renames leaves the new checkpoint complete in ``.NAME.tmp-PID`` and the old one in
-      ``.NAME.old-PID``: the next run moves the old one back before it starts, so ``out``
-      is never lost.
-    """
-
-    def __init__(self, out: str | Path, overwrite: bool = False):
-        self.out = Path(out).resolve()
-        self._recover()
-        if self.out.exists() and not overwrite:
-            raise FileExistsError(f"{self.out} exists; pass --overwrite to replace it")
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
-        self._old_handler = None
-
-    def _siblings(self, kind: str) -> list[Path]:
-        if not self.out.parent.is_dir():
-            return []
-        return sorted(self.out.parent.glob(f".{self.out.name}.{kind}-*"))
-
-    def _recover(self) -> None:
-        """Undo what a killed earlier run left: restore an old checkpoint whose replacement
-        never arrived, and delete temporary directories marked incomplete."""
-        olds = self._siblings("old")
-        if olds and not self.out.exists():
-            os.replace(olds[-1], self.out)
-            logger.warning(f"restored {self.out} from {olds[-1].name}, left by an interrupted --overwrite")
-            olds = olds[:-1]
-        for d in olds:
-            shutil.rmtree(d, ignore_errors=True)
-        for d in self._siblings("tmp"):
-            if (d / INCOMPLETE_MARKER).exists() or not any(d.iterdir()):
-                shutil.rmtree(d, ignore_errors=True)
-
-    def _on_sigterm(self, signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def __enter__(self) -> Path:
-        import signal
-        import threading
-
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        (self.tmp / INCOMPLETE_MARKER).write_text("interrupted save; do not use\n")
-        if threading.current_thread() is threading.main_thread():
-            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)  # clean up as for Ctrl-C
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        import signal
-
-        if self._old_handler is not None:
-            signal.signal(signal.SIGTERM, self._old_handler)
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        (self.tmp / INCOMPLETE_MARKER).unlink(missing_ok=True)
-        _fsync_tree(self.tmp)
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
+    found = []
+    if (m := local_model_dir(model)) is not None:
+        found.append(("source model", m))
+    if isinstance(recipe, (str, Path)) and "\n" not in str(recipe) and Path(recipe).exists():
+        found.append(("recipe", Path(recipe)))
+    if calib and Path(split_source(calib)[0]).exists():
+        found.append(("calibration text", Path(split_source(calib)[0])))
+    return found
 
 
 def prune(
@@ -224,8 +153,9 @@ def prune(
     from .data import calibration_dataset, collate_one, image_text_dataset
     from .models import is_vision_language, load_processor, model_class, text_tokenizer
 
-    r = load_recipe(recipe)
     model = resolve_model(model)
+    sink = atomic_output(out, overwrite, inputs=input_paths(model, recipe, calib))  # checked before any work
+    r = load_recipe(recipe)
     if Path(model).exists() and not (Path(model) / "config.json").is_file():
         raise RecipeError(f"{model} is not a model directory (no config.json)")
     processor = load_processor(model)  # a vision-language model's processor is saved with it
@@ -238,7 +168,7 @@ def prune(
         limit = None
     images = image_text_dataset(calib, processor, num_samples, seed) if is_vision_language(model) else None
     ds = images if images is not None else calibration_dataset(calib, tok, num_samples, seqlen, seed, max_positions=limit)
-    with atomic_output(out, overwrite) as tmp:
+    with sink as tmp:
         t0 = time.perf_counter()
         loaded = model_class(model).from_pretrained(model, dtype="auto")
         extra = {} if images is None else {"data_collator": collate_one}

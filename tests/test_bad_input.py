@@ -258,7 +258,7 @@ def test_search_ignores_a_layer_not_divisible_by_m(tmp_path, calib_file, capsys)
 MORE = [  # (argv, expect): {model} {calib} {tmp} {recipe} are filled in
     (["verify", "{tmp}/nope"], "not a directory"),
     (["prune", "{model}", "--recipe", "{tmp}/nope.yaml", "--calib", "{calib}", "--out", "{tmp}/o"], "no such file"),
-    (["prune", "{model}", "--recipe", "{recipe}", "--calib", "{calib}", "--out", "{model}"], "pass --overwrite"),
+    (["prune", "{model}", "--recipe", "{recipe}", "--calib", "{calib}", "--out", "{model}"], "is the source model"),
     (["eval", "{model}", "--text", "{tmp}/nope.txt"], "no such file or directory"),
     (["eval", "{model}", "--text", "{calib}", "--seqlen", "-64"], "--seqlen"),
     (["search", "{model}", "--calib", "{calib}", "--structure", "2:x", "--out", "{tmp}/s"], "is not 'N:M'"),
@@ -329,3 +329,156 @@ def test_readme_lists_every_refusal():
     fragments |= set(re.findall(r'\],\s*"([^"]+)"\)', src))  # the (args, expect) tables
     missing = sorted(f for f in fragments if f not in section)
     assert not missing, missing
+
+
+# ---------------------------------------------------------------- round 2: output folders (issue 23)
+# A layout a careful user has: a working directory holding their notes, the source model with a note
+# of its own, the calibration text, a recipe, a folder of their own, an earlier search, a file.
+# Every refusal leaves every byte of it as it was, and writes nothing anywhere.
+
+
+def _tree(root):
+    """{relative path: bytes (files) or None (folders)} of everything under ``root``."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+@pytest.fixture
+def world(tmp_path, tiny_model_dir, calib_file, monkeypatch):
+    import shutil
+
+    home = tmp_path / "home"
+    work = home / "work"
+    work.mkdir(parents=True)
+    (work / "notes.md").write_text("my notes")
+    model = home / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "NOTES.md").write_text("where this model came from")
+    (home / "models" / "list.txt").write_text("tiny")
+    shutil.copy(calib_file, work / "calib.txt")
+    shutil.copy(ROOT / "recipes" / "crepe_2of4.yaml", work / "recipe.yaml")
+    (work / "mine").mkdir()
+    (work / "mine" / "draft.txt").write_text("draft")
+    (work / "pho-run").mkdir()
+    (work / "pho-run" / "best_energy.json").write_text("{}")
+    (work / "pho-run" / "pho.db").write_bytes(b"SQLite format 3\x00")
+    (work / "a-file").write_text("not a folder")
+    (work / "empty").mkdir()
+    monkeypatch.chdir(work)
+    return {"root": tmp_path, "home": home, "work": work, "model": model}
+
+
+_P = ["prune", "{model}", "--recipe", "recipe.yaml", "--calib", "calib.txt", "--num-samples", "2", "--seqlen", "16"]
+_S = ["search", "{model}", "--calib", "calib.txt", "--trials", "1", "--layers", "1", "--num-samples", "2", "--seqlen", "16"]
+OUTPUT_TARGETS = [  # (argv, expect); run in {work}, the model is {model} = {home}/models/tiny
+    ([*_P, "--out", ".", "--overwrite"], "is the working directory"),
+    ([*_P, "--out", "", "--overwrite"], "--out is empty"),
+    ([*_P, "--out", "..", "--overwrite"], "holds the working directory"),
+    ([*_P, "--out", "{model}", "--overwrite"], "is the source model"),
+    ([*_P, "--out", "{home}/models", "--overwrite"], "contains the source model"),
+    ([*_P, "--out", "{model}/pruned"], "lies inside the source model"),
+    ([*_P, "--out", "calib.txt", "--overwrite"], "is the calibration text"),
+    ([*_P, "--out", "pho-run", "--overwrite"], "is a `crepe search` folder"),
+    ([*_P, "--out", "mine", "--overwrite"], "not an earlier crepe output"),
+    ([*_P, "--out", "a-file", "--overwrite"], "is not a directory"),
+    ([*_P, "--out", "mine"], "not an earlier crepe output"),
+    ([*_P, "--out", "empty"], "pass --overwrite"),
+    ([*_S, "--out", "{model}"], "is the source model"),
+    ([*_S, "--out", "{home}/models"], "contains the source model"),
+    ([*_S, "--out", "mine"], "holds files that are not from a crepe search"),
+    ([*_S, "--out", ""], "--out is empty"),
+    ([*_S, "--out", "a-file"], "is not a directory"),
+]  # fmt: skip
+
+
+def _fill(argv, world):
+    return [a.format(**{k: v for k, v in world.items() if k != "root"}) for a in argv]
+
+
+@pytest.mark.parametrize("argv,expect", OUTPUT_TARGETS, ids=[f"{a[0]} --out {a[a.index('--out') + 1]!r}{' --overwrite' if '--overwrite' in a else ''}" for a, _ in OUTPUT_TARGETS])  # fmt: skip
+def test_an_output_target_that_would_destroy_files_is_refused(argv, expect, world, capsys):
+    before = _tree(world["root"])
+    assert main(_fill(argv, world)) == 2
+    _one_error(capsys, expect)
+    assert _tree(world["root"]) == before  # every byte as it was, nothing written
+
+
+def test_search_into_a_model_directory_is_refused(tmp_path, tiny_model_dir, calib_file, capsys):
+    """A model folder that is not an input of this search: the statistics would sit beside its weights."""
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    before = _tree(tmp_path)
+    assert main(["search", str(tiny_model_dir), "--calib", str(calib_file), "--out", str(other)]) == 2
+    _one_error(capsys, "holds a model (config.json)")
+    assert _tree(tmp_path) == before
+
+
+def test_overwrite_replaces_an_earlier_output_and_an_empty_folder(world, capsys):
+    argv = _fill(_P, world)
+    assert main([*argv, "--out", "out"]) == 0
+    first = _tree(world["work"] / "out")
+    assert ".crepe-output" in first
+    assert main([*argv, "--out", "out", "--overwrite", "--seed", "1"]) == 0  # ours: replaced
+    assert _tree(world["work"] / "out") != first
+    assert main([*argv, "--out", "empty", "--overwrite"]) == 0  # empty: replaced
+    assert (world["work"] / "empty" / "model.safetensors").is_file()
+    from crepe_plugin.checkpoint.verify import verify_checkpoint
+
+    assert verify_checkpoint(world["work"] / "out").ok and verify_checkpoint(world["work"] / "empty").ok
+    assert not [p for p in world["work"].iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_output_targets_property(tmp_path, tiny_model_dir, calib_file, monkeypatch, capsys):
+    """Random layouts of source model, working directory and --out (the same, a parent, a child, a
+    sibling, '.', '..', empty, new, an earlier output, a user folder), with and without --overwrite:
+    each run refuses without touching anything, or writes only --out (and it verifies)."""
+    import os
+    import random
+    import shutil
+
+    from crepe_plugin.checkpoint.verify import verify_checkpoint
+
+    tmp_path = tmp_path.resolve()
+    rng = random.Random(23)
+    outcomes = {0: 0, 2: 0}
+    for case in range(24):
+        root = tmp_path / f"c{case}"
+        depth = rng.randint(1, 3)
+        model = root.joinpath(*[f"d{i}" for i in range(depth)], "model")
+        shutil.copytree(tiny_model_dir, model)
+        (model.parent / "keep.txt").write_text(f"case {case}")
+        cwd = rng.choice([root, model.parent, model, root / "elsewhere", model.parent / "sib"])
+        cwd.mkdir(parents=True, exist_ok=True)
+        (cwd / "mine.txt").write_text("user file")
+        earlier = root / "earlier"
+        earlier.mkdir()
+        (earlier / ".crepe-output").write_text("x")
+        (earlier / "config.json").write_text("{}")
+        rel = lambda p: os.path.relpath(p, cwd)  # noqa: E731
+        out = rng.choice([str(model), str(model.parent), str(model / "child"), str(model.parent / "sibling"), ".",
+                          "..", "", rel(model), rel(model.parent), rel(root / "new" / "deeper"), str(earlier),
+                          rel(cwd / "mine.txt"), str(root)])  # fmt: skip
+        overwrite = rng.random() < 0.7
+        before = _tree(root)
+        monkeypatch.chdir(cwd)
+        argv = ["prune", str(model), "--recipe", str(ROOT / "recipes" / "crepe_2of4.yaml"), "--calib", str(calib_file),
+                "--out", out, "--num-samples", "2", "--seqlen", "16"] + ["--overwrite"] * overwrite  # fmt: skip
+        rc = main(argv)
+        capsys.readouterr()
+        after = _tree(root)
+        assert rc in (0, 2), (case, out, rc)
+        outcomes[rc] += 1
+        if rc == 2:
+            assert after == before, (case, out)
+            continue
+        target = (cwd / out).resolve()
+        assert verify_checkpoint(target).ok
+        # --out itself, and the folders above it that had to be created
+        inside = lambda k: target == root / k or target in (root / k).parents or (  # noqa: E731
+            k not in before and after.get(k, 0) is None and root / k in target.parents)
+        changed = {k for k in set(before) | set(after) if before.get(k, 0) != after.get(k, 0)}
+        assert changed and all(inside(k) for k in changed), (case, out, sorted(k for k in changed if not inside(k)))
+        assert all(inside(k) or before[k] == after[k] for k in before)
+    assert outcomes[0] >= 3 and outcomes[2] >= 10, outcomes  # both branches exercised

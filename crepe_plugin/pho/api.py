@@ -72,9 +72,16 @@ def search(
         sparsity = n / m
     if not 0 < sparsity < 1:
         raise PruningError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
-    out = Path(out_dir) if out_dir else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    out = None
+    if out_dir is not None:
+        from ..outputs import OutputError, search_folder
+        from ..pipeline import input_paths, resolve_model
+
+        out, _ = search_folder(out_dir, input_paths(resolve_model(model), calib=calib))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"--out {out}: cannot create it ({e.strerror or e})") from None
         if cfg.storage is None:
             cfg = cfg.model_copy(update={"storage": f"sqlite:///{(out / 'pho.db').resolve()}"})
     mdl, _tok, batches = load_session(model, calib, num_samples, seqlen, seed)
