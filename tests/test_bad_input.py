@@ -327,6 +327,7 @@ def test_readme_lists_every_refusal():
     src = (ROOT / "tests" / "test_bad_input.py").read_text()
     fragments = {e for _, e in RECIPES.values()}
     fragments |= set(re.findall(r'\],\s*"([^"]+)"\)', src))  # the (args, expect) tables
+    fragments |= {expect for *_, expect in VERIFY_CASES.values()}
     missing = sorted(f for f in fragments if f not in section)
     assert not missing, missing
 
@@ -482,3 +483,135 @@ def test_output_targets_property(tmp_path, tiny_model_dir, calib_file, monkeypat
         assert changed and all(inside(k) for k in changed), (case, out, sorted(k for k in changed if not inside(k)))
         assert all(inside(k) or before[k] == after[k] for k in before)
     assert outcomes[0] >= 3 and outcomes[2] >= 10, outcomes  # both branches exercised
+
+
+# ---------------------------------------------------------------- round 2: verify reads what a loader reads
+@pytest.fixture(scope="module")
+def pruned_ckpt(tmp_path_factory, tiny_model_dir, calib_file):
+    out = tmp_path_factory.mktemp("r2") / "pruned"
+    assert main(["prune", str(tiny_model_dir), "--recipe", str(ROOT / "recipes" / "crepe_2of4.yaml"), "--calib",
+                 str(calib_file), "--out", str(out), "--num-samples", "2", "--seqlen", "16"]) == 0  # fmt: skip
+    return out
+
+
+def _shard(d):
+    """Split model.safetensors into two shards and an index, as transformers writes them."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / "model.safetensors")
+    names = sorted(sd)
+    parts = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for f, ks in parts.items():
+        save_file({k: sd[k] for k in ks}, d / f, metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in parts.items() for k in ks}}))
+    (d / "model.safetensors").unlink()
+    return sd
+
+
+def _dense(d, dense_dir, name="model.safetensors"):
+    import shutil
+
+    shutil.copy(dense_dir / "model.safetensors", d / name)
+
+
+def _edit_tensors(d, fn, f="model.safetensors"):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(d / f)
+    fn(sd)
+    save_file(sd, d / f, metadata={"format": "pt"})
+
+
+def _edit_config_text(d, fn):
+    (d / "config.json").write_text(fn((d / "config.json").read_text()))
+
+
+_UP0 = "model.layers.0.mlp.up_proj"
+VERIFY_CASES = {  # name: (change the pruned checkpoint in folder d (dense: the source model), expected exit, "message")
+    "a stale dense model.safetensors beside shards and their index": (lambda d, dense: (_shard(d), _dense(d, dense)), 2,
+        "transformers reads ['model.safetensors'] but vLLM reads"),
+    "a dense model.safetensors beside a pruned file that sorts after it": (lambda d, dense: ((d / "model.safetensors").rename(
+        d / "pruned.safetensors"), _dense(d, dense)), 2, "but vLLM reads"),
+    "shards without their index": (lambda d, dense: (_shard(d), (d / "model.safetensors.index.json").unlink()), 2,
+        "transformers loads nothing"),
+    "a stray *.safetensors beside shards and their index (read by no loader)": (lambda d, dense: (_shard(d), _dense(
+        d, dense, "calib_stats.safetensors")), 2, "is read by no loader"),
+    "a tensor stored in two shards": (lambda d, dense: (_shard(d), _copy_tensor_to_other_shard(d)), 2, "is stored in both"),
+    "an index that places a tensor in a shard without it": (lambda d, dense: (_shard(d), _edit_index(d)), 2,
+        "which does not hold it"),
+    "a 2:4-recorded layer that is entirely zero": (lambda d, dense: _edit_tensors(d, lambda sd: sd[_UP0 + ".weight"].zero_()),
+        1, "every weight is zero"),
+    "a record that lists a layer twice": (lambda d, dense: _edit_config_text(d, lambda t: t.replace(
+        f'"{_UP0}": {{', f'"{_UP0}": {{"structure": "1:4"}}, "{_UP0}": {{', 1)), 2, "appears twice"),
+    "a 2:4-recorded layer holding fewer zeros than recorded": (lambda d, dense: _edit_config_text(d, lambda t: t.replace(
+        '"sparsity": 0.5', '"sparsity": 0.75', 1)), 1, "is recorded with sparsity 0.7500 but has 0.5000"),
+}  # fmt: skip
+
+
+def _copy_tensor_to_other_shard(d):
+    import json
+
+    idx = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    other = next(f for f in sorted(set(idx.values())) if f != idx[_UP0 + ".weight"])
+    w = load_tensor(d / idx[_UP0 + ".weight"], _UP0 + ".weight")
+    _edit_tensors(d, lambda sd: sd.update({_UP0 + ".weight": torch.ones_like(w)}), other)
+
+
+def load_tensor(f, k):
+    from safetensors.torch import load_file
+
+    return load_file(f)[k]
+
+
+def _edit_index(d):
+    import json
+
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    k = sorted(idx["weight_map"])[0]
+    idx["weight_map"][k] = "model-00002-of-00002.safetensors" if idx["weight_map"][k].startswith("model-00001") else "model-00001-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+
+
+def test_a_sharded_checkpoint_verifies(pruned_ckpt, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "sharded"
+    shutil.copytree(pruned_ckpt, d)
+    _shard(d)
+    assert main(["verify", str(d), "--require-record"]) == 0
+    assert "OK: 14 recorded layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", list(VERIFY_CASES))
+def test_verify_checks_the_weights_a_loader_loads(case, pruned_ckpt, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    change, code, expect = VERIFY_CASES[case]
+    d = tmp_path / "ckpt"
+    shutil.copytree(pruned_ckpt, d)
+    change(d, tiny_model_dir)
+    before = _tree(tmp_path)
+    assert main(["verify", str(d)]) == code
+    _one_error(capsys, expect)
+    assert _tree(tmp_path) == before  # verify writes nothing
+
+
+def test_two_pruning_stages_over_one_layer_are_refused(tmp_path, tiny_model_dir, calib_file, capsys):
+    """2:4 then 1:4 left a 1:4 record over weights at 50%; refused before calibration."""
+    r = tmp_path / "two.yaml"
+    r.write_text("first_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n      mask_structure: '2:4'\n"
+                 "second_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n      mask_structure: '1:4'\n")  # fmt: skip
+    before = _tree(tmp_path)
+    assert main(["prune", str(tiny_model_dir), "--recipe", str(r), "--calib", str(calib_file), "--out", str(tmp_path / "o"),
+                 "--num-samples", "2", "--seqlen", "16"]) == 2  # fmt: skip
+    _one_error(capsys, "would be pruned twice")
+    assert _tree(tmp_path) == before
+
+
+def test_pruning_an_already_pruned_layer_is_refused(tmp_path, pruned_ckpt, calib_file, capsys):
+    assert main(["prune", str(pruned_ckpt), "--recipe", str(ROOT / "recipes" / "crepe_2of4.yaml"), "--calib",
+                 str(calib_file), "--out", str(tmp_path / "o"), "--num-samples", "2", "--seqlen", "16"]) == 2  # fmt: skip
+    _one_error(capsys, "is already pruned")
+    assert not (tmp_path / "o").exists()

@@ -160,3 +160,27 @@ class LayerwiseModifier(Modifier):
 
     def pruners_after(self) -> list:
         return [m for m in self.modifiers_after() if self.is_pruner(m)]
+
+    def refuse_pruning_twice(self, model: torch.nn.Module, names: list[str]) -> None:
+        """A layer that an earlier pruner of the recipe prunes, or that the model's record already
+        lists, would be pruned twice, and the record would describe the second pass only (2:4 then
+        1:4 leaves a 1:4 record over weights at 50%): refuse it before calibration."""
+        from ..core.errors import PruningError
+
+        mine = set(names)
+        for m in self.pruners_before():
+            theirs = getattr(m, "_layers", None) or {}  # ours: the layers it prunes, set at its initialize
+            theirs = set(theirs.values()) if theirs else set(self.resolve_layers(model, m.targets, list(m.ignore or [])))
+            if mine & theirs:
+                what = lambda x: f"{type(x).__name__} ({getattr(x, 'mask_structure', None) or 'unstructured'})"  # noqa: E731
+                raise PruningError(
+                    f"layer '{min(mine & theirs)}' would be pruned twice, by {what(m)} and then by {what(self)}; "
+                    "give each layer one pruning modifier (add it to `ignore` in one of them)"
+                )
+        record = getattr(getattr(model, "config", None), RECORD_KEY, None)
+        done = mine & set(record.get("modules", {})) if isinstance(record, dict) else set()
+        if done:
+            raise PruningError(
+                f"layer '{min(done)}' is already pruned (the model's {RECORD_KEY} record lists it as "
+                f"{record['modules'][min(done)].get('structure')}); prune the dense model, or `ignore` the layer"
+            )

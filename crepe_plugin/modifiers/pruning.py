@@ -252,6 +252,7 @@ class CRePEPruningModifier(LayerwiseModifier):
                         f"layer '{name}': input dimension {cols} is not divisible by M={m} for "
                         f"{self.mask_structure} sparsity; add it to `ignore`"
                     )
+        self.refuse_pruning_twice(model, [name for name in modules if sparsities[name] > 0])
         self._layers = {mod: name for name, mod in modules.items() if sparsities[name] > 0}
         self._sparsities = {mod: sparsities[name] for name, mod in modules.items() if sparsities[name] > 0}
         if self.search is not None:
