@@ -25,7 +25,7 @@ def check_recipe_dict(obj, where: str) -> None:
 
     It reads only top-level keys ending in '_stage' (and 'args'), and inside a stage only
     groups ending in '_modifiers'; anything else is ignored, so one misspelled key drops a
-    whole stage. An unquoted ``mask_structure: 2:4`` is read by YAML as the number 124.
+    whole stage. Each modifier's fields: ``_check_modifier_args``.
     """
     if obj is None or (isinstance(obj, (dict, list, str)) and not obj):
         raise RecipeError(f"recipe {where} is empty")
@@ -50,19 +50,67 @@ def check_recipe_dict(obj, where: str) -> None:
             if not isinstance(mods, dict) or not mods:
                 raise RecipeError(f"recipe {where}: group '{key}.{group}' holds no modifier")
             for name, args in mods.items():
-                ms = (args or {}).get("mask_structure") if isinstance(args, dict) else None
-                if isinstance(ms, (int, float)):
-                    raise RecipeError(
-                        f"recipe {where}: {name}.mask_structure was read as the number {ms}: YAML reads an "
-                        'unquoted 2:4 as a base-60 number; quote it: mask_structure: "2:4"'
-                    )
+                if isinstance(args, dict):
+                    _check_modifier_args(name, args, where)
+
+
+def _check_modifier_args(name: str, args: dict, where: str) -> None:
+    """One modifier's fields, for any modifier: a 're:' entry of targets / ignore (or a
+    sparsity-map key) must compile; an unquoted ``mask_structure: 2:4`` is read by YAML as the
+    number 124."""
+    from .core.errors import PruningError
+    from .core.layers import check_name_patterns
+
+    sparsity = args.get("sparsity")
+    for fld, entries in (("targets", args.get("targets")), ("ignore", args.get("ignore")),
+                         ("sparsity", list(sparsity) if isinstance(sparsity, dict) else None)):  # fmt: skip
+        try:
+            check_name_patterns(entries, f"{name}.{fld}")
+        except PruningError as e:
+            raise RecipeError(f"recipe {where}: {e}") from None
+    ms = args.get("mask_structure")
+    if isinstance(ms, (int, float)):
+        raise RecipeError(
+            f"recipe {where}: {name}.mask_structure was read as the number {ms}: YAML reads an "
+            'unquoted 2:4 as a base-60 number; quote it: mask_structure: "2:4"'
+        )
+
+
+def read_yaml(text: str, where: str):
+    """YAML, refusing a mapping that names a key twice (YAML keeps the last one silently, so a
+    second ``CRePEPruningModifier:`` or a field written twice would drop the first)."""
+    import yaml
+
+    class _Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor': merged keys may be overridden
+                continue
+            key = loader.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise RecipeError(f"recipe {where}: key '{key}' appears twice (lines {lines[key]} and {line}); "
+                                      "YAML would keep only the second")  # fmt: skip
+                lines[key] = line
+            except TypeError:  # an unhashable key: YAML itself refuses it below
+                pass
+        return loader.construct_mapping(node, deep)
+
+    _Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=_Strict)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {where} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def load_recipe(recipe):
     """Parse a recipe (path, YAML string, Recipe or modifiers) and refuse one with no modifier,
     or with keys llm-compressor would silently ignore (``check_recipe_dict``)."""
     from . import modifiers  # noqa: F401  (registers our modifiers with llm-compressor)
-    import yaml
     from llmcompressor.recipe import Recipe
 
     if isinstance(recipe, (str, Path)):
@@ -71,11 +119,7 @@ def load_recipe(recipe):
             raise RecipeError(f"recipe {str(recipe)!r}: no such file")
         where = "(inline)" if text_given else str(recipe)
         text = str(recipe) if text_given else Path(recipe).read_text(encoding="utf-8")
-        try:
-            obj = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe {where} is not valid YAML: {' '.join(str(e).split())}") from None
-        check_recipe_dict(obj, where)
+        check_recipe_dict(read_yaml(text, where), where)
     try:
         r = Recipe.create_instance(str(recipe) if isinstance(recipe, Path) else recipe)
     except ValueError as e:

@@ -327,7 +327,7 @@ def test_readme_lists_every_refusal():
     src = (ROOT / "tests" / "test_bad_input.py").read_text()
     fragments = {e for _, e in RECIPES.values()}
     fragments |= set(re.findall(r'\],\s*"([^"]+)"\)', src))  # the (args, expect) tables
-    fragments |= {expect for *_, expect in VERIFY_CASES.values()}
+    fragments |= {expect for *_, expect in VERIFY_CASES.values()} | {e for _, e in RECIPES_R2.values()}
     missing = sorted(f for f in fragments if f not in section)
     assert not missing, missing
 
@@ -615,3 +615,97 @@ def test_pruning_an_already_pruned_layer_is_refused(tmp_path, pruned_ckpt, calib
                  str(calib_file), "--out", str(tmp_path / "o"), "--num-samples", "2", "--seqlen", "16"]) == 2  # fmt: skip
     _one_error(capsys, "is already pruned")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- round 2: recipes that silently meant something else
+_STAGE = "sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n      mask_structure: '2:4'\n"
+RECIPES_R2 = {  # name: (recipe text, message fragment)
+    "a modifier written twice in one group": (_STAGE + "    CRePEPruningModifier:\n      mask_structure: '1:4'\n",
+                                              "key 'CRePEPruningModifier' appears twice (lines 3 and 5)"),
+    "a field written twice": (_STAGE + "      mask_structure: '1:4'\n", "key 'mask_structure' appears twice (lines 4 and 5)"),
+    "sparsity 0 with 2:4": (_STAGE + "      sparsity: 0\n", "sparsity is 0 for every layer"),
+    "a bad ignore regex": (_STAGE + "      ignore: ['re:[']\n", "CRePEPruningModifier.ignore[0]: 're:[' is not a valid regular expression"),
+    "a bad regex in an upstream modifier": (_STAGE + "quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n"
+                                            "      scheme: FP8_DYNAMIC\n      targets: [Linear]\n      ignore: ['re:(']\n",
+                                            "QuantizationModifier.ignore[0]"),
+    "a bad regex as a sparsity-map key": (_STAGE.replace("'2:4'", "'0:0'") + "      sparsity: {'re:*': 0.5, default: 0.5}\n",
+                                          "CRePEPruningModifier.sparsity[0]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(RECIPES_R2))
+def test_a_recipe_that_would_mean_something_else_is_refused(case, tmp_path, tiny_model_dir, calib_file, capsys):
+    text, expect = RECIPES_R2[case]
+    (tmp_path / "r.yaml").write_text(text)
+    before = _tree(tmp_path)
+    assert main(["prune", str(tiny_model_dir), "--recipe", str(tmp_path / "r.yaml"), "--calib", str(calib_file),
+                 "--out", str(tmp_path / "out"), "--num-samples", "2", "--seqlen", "16"]) == 2  # fmt: skip
+    _one_error(capsys, expect)
+    assert _tree(tmp_path) == before
+
+
+SEARCH_R2 = [
+    (["--ignore", "lm_head", "re:["], "--ignore[1]: 're:[' is not a valid regular expression"),
+]
+
+
+@pytest.mark.parametrize("args,expect", SEARCH_R2)
+def test_bad_search_ignore(args, expect, tmp_path, tiny_model_dir, calib_file, capsys):
+    before = _tree(tmp_path)
+    assert main(["search", str(tiny_model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "s"), *args]) == 2
+    _one_error(capsys, expect)
+    assert _tree(tmp_path) == before
+
+
+def test_a_search_ignore_entry_that_matches_nothing_warns(tmp_path, tiny_model_dir, calib_file):
+    from loguru import logger
+
+    lines = []
+    sink = logger.add(lines.append, level="WARNING", format="{message}")
+    try:
+        assert main(["search", str(tiny_model_dir), "--calib", str(calib_file), "--out", str(tmp_path / "s"), "--trials",
+                     "1", "--layers", "1", "--num-samples", "2", "--seqlen", "16", "--proxy", "diag", "--ignore",
+                     "lm_head", "down_prj"]) == 0  # fmt: skip
+    finally:
+        logger.remove(sink)
+    assert sum("'down_prj' matches no layer" in x for x in lines) == 1, lines
+    assert not any("'lm_head'" in x for x in lines)
+
+
+def test_a_huge_act_exponent_ranks_as_the_exact_score():
+    """||X_j|| ** 500 overflows float32; the scores fall back to log space and rank exactly as the
+    real-valued score does (a float64 reference where it is finite, else the input norms)."""
+    from crepe_plugin.core import CRePEConfig, crepe_scores, neighborhood, prune_mask, relative_importance
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=g)
+    s = torch.exp(torch.randn(32, generator=g) * 4)  # input norms over ~7 orders of magnitude
+    for nmap in ("ri", "score"):
+        for border in ("mean", "zero", "reflect", "replicate"):
+            cfg = CRePEConfig(act_exponent=30.0, neighbor_coef=0.4, neighbor_map=nmap, border=border, kernel="gaussian")
+            scores = crepe_scores(w, s, cfg)
+            assert scores.dtype == torch.float64 and bool((scores <= -1).all())  # the log form: float32 overflows
+            ri = relative_importance(w.double().abs(), cfg.row_coef, cfg.col_coef)
+            act = s.double().sqrt() ** cfg.act_exponent  # finite in float64
+            ref = ri * act if nmap == "score" else ri
+            ref = ref + cfg.neighbor_coef * neighborhood(ref, 3, "gaussian", border)
+            ref = ref if nmap == "score" else ref * act
+            for structure, sp in (("2:4", 0.5), ("0:0", 0.6)):
+                assert torch.equal(prune_mask(scores, sp, structure), prune_mask(ref, sp, structure)), (nmap, border)
+    huge = crepe_scores(w, s, CRePEConfig(act_exponent=500.0))
+    assert bool(torch.isfinite(huge).all())
+    by_norm = torch.log(s).expand_as(w)  # at a = 500 the input norm decides every group of 4
+    assert torch.equal(prune_mask(huge, 0.5, "2:4"), prune_mask(by_norm, 0.5, "2:4"))
+
+
+def test_prune_with_a_huge_act_exponent_is_not_index_order(tmp_path, tiny_model_dir, calib_file):
+    from safetensors.torch import load_file
+
+    (tmp_path / "r.yaml").write_text(_STAGE + "      act_exponent: 500\n")
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model_dir), "--recipe", str(tmp_path / "r.yaml"), "--calib", str(calib_file),
+                 "--out", str(out), "--num-samples", "2", "--seqlen", "16"]) == 0  # fmt: skip
+    sd = load_file(out / "model.safetensors")
+    w = sd["model.layers.0.mlp.up_proj.weight"].reshape(-1, 4)
+    first_two = ((w[:, :2] == 0).all(1) & (w[:, 2:] != 0).all(1)).float().mean()
+    assert first_two < 0.5, float(first_two)  # was 1.0: every group pruned inputs 0 and 1

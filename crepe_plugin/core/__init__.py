@@ -11,7 +11,7 @@ from .config import CREPE_DEFAULTS, RIA_CONFIG, CRePEConfig, crepe_defaults
 from .errors import CalibrationError, LayerShapeError, NonFiniteError, PruningError
 from .layers import decoder_layer, from_stored_layout, is_conv1d, set_weight, to_stored_layout, weight_out_in
 from .masks import is_nm, nm_mask, nm_violations, parse_structure, prune_mask, unstructured_mask
-from .scores import crepe_saliency, crepe_scores, neighborhood, relative_importance
+from .scores import crepe_saliency, crepe_scores, linear_scores, neighborhood, relative_importance
 from .stats import CalibStats, HessianStats, InputMomentStats, InputNormStats, gather_stats
 from .allocation import outlier_ratio, owl_sparsities, wanda_importance
 from .dsnot import dsnot_refine, expected_error
@@ -26,6 +26,7 @@ __all__ = [
     "NonFiniteError",
     "CalibrationError",
     "crepe_scores",
+    "linear_scores",
     "relative_importance",
     "neighborhood",
     "prune_mask",

@@ -29,13 +29,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from ..checkpoint.record import RECORD_KEY
 from ..checkpoint.save import keep_record_on_save
 from ..compat.compressed_tensors import match_named_modules, match_targets, update_offload_parameter
 from ..compat.llmcompressor import Event, Modifier, SparsityModifierBase, State, recipe_modifiers
-from ..core.layers import set_weight
+from ..core.layers import check_name_patterns, set_weight
 
 __all__ = ["LayerwiseModifier", "PRUNABLE", "DEFAULT_IGNORE"]
 
@@ -63,6 +63,12 @@ class LayerwiseModifier(Modifier):
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
     _layers: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)  # module -> name
+
+    @field_validator("ignore", "targets", mode="after", check_fields=False)
+    @classmethod
+    def _valid_patterns(cls, v, info):
+        check_name_patterns(v, info.field_name)  # a bad 're:' entry fails here, not as a traceback mid-run
+        return v
     _stats: dict[torch.nn.Module, Any] = PrivateAttr(default_factory=dict)
 
     # ------------------------------------------------------------- what a modifier provides

@@ -34,7 +34,7 @@ from pydantic import Field, PrivateAttr
 
 from ..compat.compressed_tensors import align_module_device, get_execution_device, update_offload_parameter
 from ..compat.llmcompressor import State
-from ..core import CRePEConfig, InputNormStats, PruningError, crepe_scores, parse_structure
+from ..core import CRePEConfig, InputNormStats, PruningError, crepe_scores, linear_scores, parse_structure
 from ..core.permutation import find_permutation, kept_importance, stacked_head_scores
 from .base import LayerwiseModifier
 
@@ -117,7 +117,7 @@ class ChannelPermutationModifier(LayerwiseModifier):
             if w.shape[1] % m:
                 logger.warning(f"channel permutation: '{name}' has {w.shape[1]} inputs, not divisible by {m}; not permuted")
                 return
-            scores = crepe_scores(w, stats.value(name).to(w.device), self._cfg, layer_name=name)
+            scores = linear_scores(crepe_scores(w, stats.value(name).to(w.device), self._cfg, layer_name=name))
         before = kept_importance(scores, n, m)
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "down_proj":

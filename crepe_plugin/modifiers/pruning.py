@@ -36,6 +36,7 @@ from ..core import (
     weight_out_in,
 )
 from ..core.config import Border, Coef, KernelName, KernelSize, NeighborMap
+from ..core.layers import check_name_patterns
 from ..pho.config import SearchConfig
 from .base import PRUNABLE, LayerwiseModifier
 
@@ -162,6 +163,7 @@ class CRePEPruningModifier(LayerwiseModifier):
         if isinstance(v, dict):
             if not v:
                 raise ValueError("sparsity: the per-layer map is empty")
+            check_name_patterns([k for k in v if k != "default"], "sparsity")
             return {k: _check_fraction(x, f"sparsity[{k!r}]") for k, x in v.items()}
         if isinstance(v, list):
             if not v:
@@ -182,11 +184,6 @@ class CRePEPruningModifier(LayerwiseModifier):
     @model_validator(mode="after")
     def _valid_combination(self) -> "CRePEPruningModifier":
         n, m = parse_structure(self.mask_structure)
-        if n == 0:
-            if self.sparsity is None:
-                raise ValueError("sparsity is required for unstructured pruning (mask_structure '0:0')")
-            return self
-        implied = n / m
         values = (
             [self.sparsity]
             if isinstance(self.sparsity, float)
@@ -194,6 +191,16 @@ class CRePEPruningModifier(LayerwiseModifier):
             if isinstance(self.sparsity, dict)
             else list(self.sparsity or [])
         )
+        if values and not any(values):  # found when the recipe is read, not after calibration
+            raise ValueError(
+                f"sparsity is 0 for every layer: mask_structure '{self.mask_structure}' would prune nothing; "
+                f"give {'N/M = ' + format(n / m, 'g') if n else 'a fraction in (0, 1)'} or remove the modifier"
+            )
+        if n == 0:
+            if self.sparsity is None:
+                raise ValueError("sparsity is required for unstructured pruning (mask_structure '0:0')")
+            return self
+        implied = n / m
         for x in values:
             if x not in (0.0, implied) and abs(x - implied) > 1e-9:
                 raise ValueError(

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..core import PruningError, parse_structure
+from ..core.layers import check_name_patterns
 from .config import SearchConfig
 from .report import write_atomic, write_report
 from .search import run_search
@@ -72,6 +73,7 @@ def search(
         sparsity = n / m
     if not 0 < sparsity < 1:
         raise PruningError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
+    check_name_patterns(ignore, "--ignore")  # before the model loads
     out = None
     if out_dir is not None:
         from ..outputs import OutputError, search_folder

@@ -16,7 +16,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from ..core.layers import decoder_layer
+from ..core.layers import check_name_patterns, decoder_layer
 from ..core.stats import CalibStats, gather_stats
 
 __all__ = ["target_modules", "sample_layer_names", "statistics_pass", "STATS_FILE"]
@@ -27,17 +27,18 @@ STATS_FILE = "calib_stats.safetensors"
 def target_modules(model: torch.nn.Module, ignore: Iterable[str] = ("lm_head",)) -> dict[str, torch.nn.Module]:
     """Every Linear / Conv1D except those matched by an ``ignore`` entry: a name suffix, or
     're:' and a regular expression (as llm-compressor's ignore lists)."""
-    suffixes = tuple(i for i in ignore if not i.startswith("re:"))
-    patterns = [re.compile(i[3:]) for i in ignore if i.startswith("re:")]
+    ignore = list(ignore)
+    check_name_patterns(ignore, "--ignore")
 
-    def ignored(n: str) -> bool:
-        return (bool(suffixes) and n.endswith(suffixes)) or any(p.match(n) for p in patterns)
+    def matches(entry: str, n: str) -> bool:
+        return re.match(entry[3:], n) is not None if entry.startswith("re:") else n.endswith(entry)
 
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and not ignored(n)
-    }
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+    unused = [e for e in ignore if not any(matches(e, n) for n in layers)]
+    if unused:
+        logger.warning(f"--ignore {' '.join(repr(e) for e in unused)} matches no layer of the model; "
+                       "check the spelling (a name suffix, or 're:' and a regex matched from the start)")  # fmt: skip
+    return {n: m for n, m in layers.items() if not any(matches(e, n) for e in ignore)}
 
 
 def sample_layer_names(names: Iterable[str], layers: int | str) -> list[str]:
