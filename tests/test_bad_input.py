@@ -709,3 +709,136 @@ def test_prune_with_a_huge_act_exponent_is_not_index_order(tmp_path, tiny_model_
     w = sd["model.layers.0.mlp.up_proj.weight"].reshape(-1, 4)
     first_two = ((w[:, :2] == 0).all(1) & (w[:, 2:] != 0).all(1)).float().mean()
     assert first_two < 0.5, float(first_two)  # was 1.0: every group pruned inputs 0 and 1
+
+
+# ---------------------------------------------------------------- round 2: text sources, models and arguments
+@pytest.fixture(scope="module")
+def inputs_r2(tmp_path_factory, tiny_model_dir, calib_file):
+    """Bad text sources and broken model folders, each a copy of a good one with one thing wrong."""
+    import json
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crepe_plugin.testing import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "oneword.txt").write_text("x" * 5000)  # no line break, no space: nowhere to cut
+    (d / "latin1.txt").write_bytes(b"word " * 400 + "café".encode("latin-1"))
+    shutil.copy(tiny_model_dir / "model.safetensors", d / "weights.safetensors")
+    (d / "notext.jsonl").write_text('{"title": "a"}\n{"title": "b"}\n')
+    (d / "checkpoints").mkdir()
+    shutil.copy(tiny_model_dir / "model.safetensors", d / "checkpoints" / "step1.safetensors")
+    (d / "short.txt").write_text("a few words only\n")
+    models = {"notok": lambda m: [f.unlink() for f in m.glob("tokenizer*")],
+              "emptycfg": lambda m: (m / "config.json").write_text("{}"),
+              "noweights": lambda m: (m / "model.safetensors").unlink(),
+              "hidden": lambda m: (m / "config.json").write_text(json.dumps({**json.loads((m / "config.json").read_text()), "hidden_size": 96}))}  # fmt: skip
+    for name, breakit in models.items():
+        shutil.copytree(tiny_model_dir, d / name)
+        breakit(d / name)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(d / "tied")
+    tiny_tokenizer().save_pretrained(d / "tied")
+    (d / "no_ignore.yaml").write_text(_STAGE + "      ignore: []\n")
+    return d
+
+
+_E = ["eval", "{model}", "--seqlen", "32", "--max-segments", "1", "--text"]
+_PR = ["prune", "{model}", "--recipe", "{recipe}", "--calib", "{calib}", "--out", "{tmp}/out", "--num-samples", "2", "--seqlen", "16"]
+ROUND2 = [  # (argv, expect): {model} {calib} {tmp} {recipe} and {in} (the inputs_r2 folder) are filled in
+    ([*_E, "{in}/oneword.txt[:0.1]"], "too few lines and words to slice"),
+    ([*_E, "{in}/latin1.txt"], "is not UTF-8 text (byte 0xe9 at offset 2003)"),
+    ([*_E, "{in}/weights.safetensors"], "weights.safetensors' is not UTF-8 text"),
+    ([*_E, "{in}/notext.jsonl"], "line 1 has no string field 'text'"),
+    ([*_E, "{in}/checkpoints"], "is a folder with no dataset in it"),
+    ([*_E, "{model}"], "is a model folder (it holds config.json), not text"),
+    ([*_E, "someone/no-such-dataset"], "was not found locally and the hub is offline"),
+    (["eval", "{model}", "--text", "{in}/short.txt", "--seqlen", "64"], "fewer than one segment of --seqlen 64"),
+    (["eval", "{in}/notok", "--text", "{calib}"], "holds no tokenizer"),
+    (["eval", "{in}/emptycfg", "--text", "{calib}"], "config.json: transformers cannot read it"),
+    (["eval", "{in}/noweights", "--text", "{calib}"], "holds no weight files"),
+    ([*_PR[:1], "{in}/hidden", *_PR[2:]], "config.json does not describe these weights"),
+    ([*_PR[:1], "{in}/notok", *_PR[2:]], "holds no tokenizer"),
+    ([*_PR[:1], "someone/no-such-model", *_PR[2:]], "'someone/no-such-model' was not found locally and the hub is offline"),
+    (["eval", "{model}", "--text", "{calib}", "--dtype", "float33"], "--dtype must be one of"),
+    (["eval", "{model}", "--text", "{calib}", "--device", "cuda:99"], "no such cuda device"),
+    (["eval", "{model}", "--text", "{calib}", "--device", "gpu"], "is not a torch device"),
+    (["eval", "{model}", "--text", "{calib}", "--seqlen", "abc"], "argument --seqlen: invalid int value: 'abc'"),
+    ([*_PR[:7], "/proc/crepe-test/out", *_PR[8:]], "cannot write in /proc"),
+    ([*_PR[:1], "{in}/tied", "--recipe", "{in}/no_ignore.yaml", *_PR[4:]], "shares its weight with 'model.embed_tokens'"),
+    (["search", "{model}", "--calib", "{calib}", "--out", "{tmp}/s", "--storage", "foo://bar"], "--storage 'foo://bar': cannot open it"),
+    (["search", "{model}", "--calib", "{calib}", "--out", "{tmp}/s", "--storage", "sqlite:////proc/crepe/pho.db"],
+     "--storage 'sqlite:////proc/crepe/pho.db': cannot open it"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,expect", ROUND2, ids=[f"{a[0]} {expect[:40]}" for a, expect in ROUND2])
+def test_bad_text_models_and_arguments(argv, expect, tmp_path, tiny_model_dir, calib_file, inputs_r2, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    fill = {"model": tiny_model_dir, "calib": calib_file, "tmp": tmp_path, "recipe": ROOT / "recipes" / "crepe_2of4.yaml",
+            "in": inputs_r2}  # fmt: skip
+    before, shared = _tree(tmp_path), _tree(inputs_r2)
+    assert main([a.format(**fill) for a in argv]) == 2
+    _one_error(capsys, expect)
+    assert _tree(tmp_path) == before and _tree(inputs_r2) == shared  # nothing written, nothing left behind
+
+
+def test_slices_of_a_file_without_line_breaks_cut_at_whitespace(tmp_path):
+    """FILE[lo:hi] cut at line starts: a one-line file gave all of it for [:0.1] and nothing for [0.5:]."""
+    from crepe_plugin.data import read_text
+
+    words = " ".join(f"w{i}" for i in range(4000))
+    f = tmp_path / "one-line.txt"
+    f.write_text(words)
+    head, tail = read_text(f"{f}[:0.1]"), read_text(f"{f}[0.5:]")
+    assert abs(len(head) / len(words) - 0.1) < 0.01 and abs(len(tail) / len(words) - 0.5) < 0.01
+    assert read_text(f"{f}[:0.5]") + tail == words  # disjoint, and together the whole text
+    assert head.endswith(" ") and tail.startswith("w")  # cut between words
+
+
+def test_a_jsonl_file_is_read_through_its_text_field(tmp_path):
+    import json
+
+    from crepe_plugin.data import read_text
+
+    rows = ["first row of text", "second row, with a comma", "third"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": r, "id": i}) + "\n" for i, r in enumerate(rows)))
+    (tmp_path / "t.json").write_text(json.dumps([{"text": r} for r in rows]))
+    assert read_text(str(tmp_path / "t.jsonl")) == read_text(str(tmp_path / "t.json")) == "\n\n".join(rows)
+
+
+def test_a_search_that_fails_before_its_first_trial_leaves_no_folder(tmp_path, tiny_model_dir, calib_file, capsys):
+    """The layer-width refusal comes after the statistics pass: the folder this run created goes with it."""
+    from crepe_plugin.testing import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "odd", hidden=64, intermediate=126)
+    assert main(["search", str(model), "--calib", str(calib_file), "--out", str(tmp_path / "s"), "--trials", "2",
+                 "--layers", "1", "--num-samples", "2", "--seqlen", "16", "--proxy", "diag"]) == 2  # fmt: skip
+    _one_error(capsys, "down_proj")
+    assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_during_a_search_prints_one_line(tmp_path, tiny_model_dir, calib_file):
+    """Optuna logged the interrupted trial with a traceback before the 'interrupted' line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "crepe_plugin.cli", "search", str(tiny_model_dir), "--calib", str(calib_file),
+                          "--out", str(out), "--trials", "100000", "--layers", "1", "--num-samples", "2", "--seqlen", "16",
+                          "--proxy", "recon"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "calib_stats.safetensors").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # trials start once the statistics are cached
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err[-3000:]
+    assert (out / "pho.db").is_file()  # the study is kept: the search resumes

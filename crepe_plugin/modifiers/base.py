@@ -56,6 +56,26 @@ def _offload_assign(module: torch.nn.Module, stored: torch.Tensor) -> None:
     update_offload_parameter(module, "weight", stored)
 
 
+def _refuse_tied(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
+    """A layer whose weight is another module's too (an lm_head tied to the embeddings) cannot be
+    changed alone: pruning it would prune the other, and the saved checkpoint holds only one."""
+    from ..core.errors import PruningError
+
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if w is not None:
+            owners.setdefault(id(w), []).append(name)
+    for name, module in layers.items():
+        others = [o for o in owners.get(id(module._parameters.get("weight")), []) if o != name and o not in layers]
+        if others:
+            raise PruningError(
+                f"layer '{name}' shares its weight with '{others[0]}' (tied, e.g. tie_word_embeddings: true): it "
+                f"cannot be pruned alone, and pruning it would prune '{others[0]}'; keep it in `ignore` "
+                "(e.g. 're:.*lm_head')"
+            )
+
+
 class LayerwiseModifier(Modifier):
     """A modifier that calibrates chosen layers and processes each once its statistics are in."""
 
@@ -124,7 +144,9 @@ class LayerwiseModifier(Modifier):
                 if not match_targets(full, child, ignore):
                     found[full] = child
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
+        layers = dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
+        _refuse_tied(model, layers)
+        return layers
 
     @staticmethod
     def write_weight(module: torch.nn.Module, w_out_in: torch.Tensor) -> None:

@@ -191,11 +191,6 @@ class CRePEPruningModifier(LayerwiseModifier):
             if isinstance(self.sparsity, dict)
             else list(self.sparsity or [])
         )
-        if values and not any(values):  # found when the recipe is read, not after calibration
-            raise ValueError(
-                f"sparsity is 0 for every layer: mask_structure '{self.mask_structure}' would prune nothing; "
-                f"give {'N/M = ' + format(n / m, 'g') if n else 'a fraction in (0, 1)'} or remove the modifier"
-            )
         if n == 0:
             if self.sparsity is None:
                 raise ValueError("sparsity is required for unstructured pruning (mask_structure '0:0')")
@@ -216,6 +211,13 @@ class CRePEPruningModifier(LayerwiseModifier):
         if self.mask_selection == "adaptive" and not self.reconstruct:
             raise ValueError("mask_selection 'adaptive' chooses the mask during reconstruction; set reconstruct: true")
         return self
+
+    @property
+    def prunes_nothing(self) -> bool:
+        """Every sparsity given is 0 (a pruner kept only to guide a channel permutation, or a mistake)."""
+        sp = self.sparsity
+        values = [sp] if isinstance(sp, float) else list(sp.values()) if isinstance(sp, dict) else list(sp or [None])
+        return not any(v is None or v > 0 for v in values)
 
     @property
     def crepe_config(self) -> CRePEConfig:

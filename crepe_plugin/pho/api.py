@@ -12,6 +12,7 @@ drop-in CRePEPruningModifier stage), and ``report.md``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -44,6 +45,58 @@ def recipe_yaml(result: dict, structure: str, sparsity: float) -> str:
     return "\n".join(lines).replace("'", '"') + "\n"
 
 
+def _search_sparsity(structure: str, sparsity: float | None) -> float:
+    """The sparsity searched: N/M for N:M (a --sparsity that contradicts it refused), else given."""
+    n, m = parse_structure(structure)
+    if n and sparsity is not None and abs(sparsity - n / m) > 1e-9:
+        raise PruningError(f"--sparsity {sparsity} contradicts --structure {structure}, which prunes {n}/{m}; "
+                           "drop --sparsity for N:M, or give --structure 0:0 for unstructured")  # fmt: skip
+    if sparsity is None:
+        if not n:
+            raise PruningError("--sparsity is required for unstructured search (--structure 0:0)")
+        sparsity = n / m
+    if not 0 < sparsity < 1:
+        raise PruningError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
+    return sparsity
+
+
+def _open_folder(out_dir, model: str, calib: str, cfg: SearchConfig) -> tuple[Path | None, bool, SearchConfig]:
+    """(the checked --out folder, whether this run created it, cfg with its storage): the folder
+    is checked (``outputs.search_folder``) and the study's storage opened before the model loads,
+    so a bad --out or --storage fails at once and leaves nothing."""
+    from ..outputs import OutputError, search_folder
+    from ..pipeline import input_paths, resolve_model
+
+    out, created = None, False
+    if out_dir is not None:
+        out, created = search_folder(out_dir, input_paths(resolve_model(model), calib=calib))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+        if cfg.storage is None:
+            cfg = cfg.model_copy(update={"storage": f"sqlite:///{(out / 'pho.db').resolve()}"})
+    try:
+        if cfg.storage is not None:
+            open_storage(cfg.storage)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out, created, cfg
+
+
+def open_storage(url: str):
+    """The Optuna storage at ``url``; PruningError in one line naming --storage when it cannot be opened
+    (a malformed URL, a database that cannot be reached, SQLite on a read-only file system)."""
+    import optuna
+
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds
+        raise PruningError(f"--storage {url!r}: cannot open it ({' '.join(str(e).split())[:200]})") from None
+
+
 def search(
     model: str,
     calib: str,
@@ -63,34 +116,19 @@ def search(
     ``ignore``: layers left out (name suffixes or 're:' regexes), e.g. a layer whose input
     width is not divisible by M."""
     cfg = config or SearchConfig()
-    n, m = parse_structure(structure)
-    if n and sparsity is not None and abs(sparsity - n / m) > 1e-9:
-        raise PruningError(f"--sparsity {sparsity} contradicts --structure {structure}, which prunes {n}/{m}; "
-                           "drop --sparsity for N:M, or give --structure 0:0 for unstructured")  # fmt: skip
-    if sparsity is None:
-        if not n:
-            raise PruningError("--sparsity is required for unstructured search (--structure 0:0)")
-        sparsity = n / m
-    if not 0 < sparsity < 1:
-        raise PruningError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
+    sparsity = _search_sparsity(structure, sparsity)
     check_name_patterns(ignore, "--ignore")  # before the model loads
-    out = None
-    if out_dir is not None:
-        from ..outputs import OutputError, search_folder
-        from ..pipeline import input_paths, resolve_model
-
-        out, _ = search_folder(out_dir, input_paths(resolve_model(model), calib=calib))
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"--out {out}: cannot create it ({e.strerror or e})") from None
-        if cfg.storage is None:
-            cfg = cfg.model_copy(update={"storage": f"sqlite:///{(out / 'pho.db').resolve()}"})
-    mdl, _tok, batches = load_session(model, calib, num_samples, seqlen, seed)
-    meta = stats_meta(model, calib, num_samples, seqlen, seed, cfg.layers)
-    if tuple(ignore) != ("lm_head",):
-        meta["ignore"] = list(ignore)
-    ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope, tuple(ignore))
+    out, created, cfg = _open_folder(out_dir, model, calib, cfg)
+    try:  # a search that fails before its first trial leaves no folder it created
+        mdl, _tok, batches = load_session(model, calib, num_samples, seqlen, seed)
+        meta = stats_meta(model, calib, num_samples, seqlen, seed, cfg.layers)
+        if tuple(ignore) != ("lm_head",):
+            meta["ignore"] = list(ignore)
+        ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope, tuple(ignore))
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     t0 = time.perf_counter()
     result = run_search(ev, cfg, {**FIXED_DEFAULT, **(fixed or {})}, identity=meta)
     result.update(info, search_seconds=time.perf_counter() - t0, structure=structure, sparsity=sparsity,

@@ -238,7 +238,8 @@ def run_search(
     fixed = dict(fixed or {})
     space = cfg.bounds
     name = cfg.study_name or default_study_name(evaluator.structure, evaluator.sparsity, cfg.proxy)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is re-raised to the caller anyway, and its WARNING would print a traceback (Ctrl-C included)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
         study_name=name, storage=cfg.storage, direction="minimize", sampler=_sampler(cfg, space), load_if_exists=True
     )
@@ -285,21 +286,23 @@ def run_search(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.trials, initial=min(finished(), cfg.trials), desc=f"PHO ({cfg.proxy})", disable=not progress)
-    while finished() < cfg.trials:
-        others = len(study.get_trials(deepcopy=False)) - finished()
-        if others > max(20, cfg.trials):
-            from ..core.errors import PruningError
+    try:  # closed before an error or Ctrl-C reaches the caller, so its last refresh comes first
+        while finished() < cfg.trials:
+            others = len(study.get_trials(deepcopy=False)) - finished()
+            if others > max(20, cfg.trials):
+                from ..core.errors import PruningError
 
-            raise PruningError(
-                f"PHO study '{name}': {others} trials failed or were pruned (non-finite proxy or invalid point) "
-                f"and only {finished()} completed; check the bounds and the calibration data"
-            )
-        if cfg.sampler_name == "hillclimb":
-            study.enqueue_trial(_hillclimb_params(study, space, cfg.seed))
-        study.optimize(objective, n_trials=1)
-        bar.n = min(finished(), cfg.trials)
-        bar.refresh()
-    bar.close()
+                raise PruningError(
+                    f"PHO study '{name}': {others} trials failed or were pruned (non-finite proxy or invalid point) "
+                    f"and only {finished()} completed; check the bounds and the calibration data"
+                )
+            if cfg.sampler_name == "hillclimb":
+                study.enqueue_trial(_hillclimb_params(study, space, cfg.seed))
+            study.optimize(objective, n_trials=1)
+            bar.n = min(finished(), cfg.trials)
+            bar.refresh()
+    finally:
+        bar.close()
     best = study.best_trial
     params = {k: (getattr(space, k).low if getattr(space, k).low == getattr(space, k).high else best.params[k]) for k in SEARCHED}
     config = CRePEConfig(**params, **fixed)

@@ -35,7 +35,10 @@ def load_session(model: str, calib: str, num_samples: int, seqlen: int, seed: in
     from ..data import calibration_dataset
     from ..pipeline import resolve_model
 
+    from ..models import check_model
+
     path = resolve_model(model)
+    check_model(path)
     tok = AutoTokenizer.from_pretrained(path)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     limit = getattr(m.config, "max_position_embeddings", None)
