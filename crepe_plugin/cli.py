@@ -299,6 +299,11 @@ def _prune(args) -> int:
 
 
 def _serve_check(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError("serve-check runs vLLM, which this environment lacks; run it in the serving one "
+                         "(.venv-serve/bin/python -m crepe_plugin.cli serve-check ...)")  # fmt: skip
     from .vllm.check import run as serve_check
 
     return serve_check(args)

@@ -244,6 +244,8 @@ def check_model(path: str) -> None:
         return
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ModelError(f"{path} is not a model directory (no config.json)")
+    if (p / ".crepe-incomplete").exists():
+        raise ModelError(f"{path} is marked incomplete (an interrupted save); its weights may be half written")
     from transformers import AutoConfig
 
     try:

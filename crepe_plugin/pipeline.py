@@ -116,9 +116,13 @@ def load_recipe(recipe):
     if isinstance(recipe, (str, Path)):
         text_given = "\n" in str(recipe) or (isinstance(recipe, str) and str(recipe).lstrip().startswith("{"))
         if not text_given and not Path(recipe).is_file():
-            raise RecipeError(f"recipe {str(recipe)!r}: no such file")
+            what = "is a directory, not a recipe file" if Path(recipe).is_dir() else "no such file"
+            raise RecipeError(f"recipe {str(recipe)!r}: {what}")
         where = "(inline)" if text_given else str(recipe)
-        text = str(recipe) if text_given else Path(recipe).read_text(encoding="utf-8")
+        try:
+            text = str(recipe) if text_given else Path(recipe).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe {where} is not UTF-8 text (byte at offset {e.start}); a recipe is a YAML file") from None
         check_recipe_dict(read_yaml(text, where), where)
     try:
         r = Recipe.create_instance(str(recipe) if isinstance(recipe, Path) else recipe)
@@ -187,7 +191,7 @@ def input_paths(model: str, recipe=None, calib: str | None = None) -> list[tuple
     found = []
     if (m := local_model_dir(model)) is not None:
         found.append(("source model", m))
-    if isinstance(recipe, (str, Path)) and "\n" not in str(recipe) and Path(recipe).exists():
+    if isinstance(recipe, (str, Path)) and "\n" not in str(recipe) and Path(recipe).is_file():
         found.append(("recipe", Path(recipe)))
     if calib and Path(split_source(calib)[0]).exists():
         found.append(("calibration text", Path(split_source(calib)[0])))

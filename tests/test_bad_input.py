@@ -743,6 +743,8 @@ def inputs_r2(tmp_path_factory, tiny_model_dir, calib_file):
     LlamaForCausalLM(cfg).save_pretrained(d / "tied")
     tiny_tokenizer().save_pretrained(d / "tied")
     (d / "no_ignore.yaml").write_text(_STAGE + "      ignore: []\n")
+    shutil.copytree(tiny_model_dir, d / "halfsaved")
+    (d / "halfsaved" / ".crepe-incomplete").write_text("interrupted save; do not use\n")
     return d
 
 
@@ -769,6 +771,12 @@ ROUND2 = [  # (argv, expect): {model} {calib} {tmp} {recipe} and {in} (the input
     (["eval", "{model}", "--text", "{calib}", "--seqlen", "abc"], "argument --seqlen: invalid int value: 'abc'"),
     ([*_PR[:7], "/proc/crepe-test/out", *_PR[8:]], "cannot write in /proc"),
     ([*_PR[:1], "{in}/tied", "--recipe", "{in}/no_ignore.yaml", *_PR[4:]], "shares its weight with 'model.embed_tokens'"),
+    ([*_PR[:3], "{in}", *_PR[4:]], "is a directory, not a recipe file"),
+    ([*_PR[:3], "{in}/latin1.txt", *_PR[4:]], "latin1.txt is not UTF-8 text (byte at offset 2003)"),
+    (["eval", "{in}/halfsaved", "--text", "{calib}"], "is marked incomplete (an interrupted save)"),
+    (["search-validate", "{tmp}/nowhere"], "no such directory; give the --out folder of a `crepe search`"),
+    (["demo", "--data-dir", "{tmp}/nowhere", "--out", "{tmp}/d"], "nowhere: no wikitext2/wiki.valid.tokens.txt and wiki.test.raw.txt in it"),
+    (["serve-check", "{model}"], "serve-check runs vLLM, which this environment lacks"),
     (["search", "{model}", "--calib", "{calib}", "--out", "{tmp}/s", "--storage", "foo://bar"], "--storage 'foo://bar': cannot open it"),
     (["search", "{model}", "--calib", "{calib}", "--out", "{tmp}/s", "--storage", "sqlite:////proc/crepe/pho.db"],
      "--storage 'sqlite:////proc/crepe/pho.db': cannot open it"),

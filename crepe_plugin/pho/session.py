@@ -99,6 +99,8 @@ def build_evaluator(
 
 def search_settings(out: Path) -> dict:
     """The settings a finished search stored in its best_*.json (model, calibration, seed...)."""
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such directory; give the --out folder of a `crepe search`")
     found = sorted(out.glob("best_*.json"))
     if not found:
         raise FileNotFoundError(f"{out} holds no search result (best_*.json); run `crepe search ... --out {out}` first")
