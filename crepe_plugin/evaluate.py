@@ -54,6 +54,11 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_segments: int |
         raise EvalError(f"max_segments must be at least 1, got {max_segments}")
     ids = ids.reshape(-1)
     nseg = ids.numel() // seqlen
+    if max_segments and 0 < nseg < max_segments:
+        from loguru import logger
+
+        logger.warning(f"the text holds {nseg} segments of {seqlen} tokens, fewer than --max-segments {max_segments}: "
+                       f"the perplexity is over {nseg}")  # fmt: skip
     if max_segments:
         nseg = min(nseg, max_segments)
     if nseg == 0:
