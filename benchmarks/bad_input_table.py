@@ -9,7 +9,7 @@ interpreter's environment, the compression one)
 round2 (issue 23) runs each case in a scratch layout rebuilt before every run (a working directory
 holding the user's notes, the source model, an earlier search...), with PYTHONPATH naming the
 checkout, so an older checkout that deletes files deletes only scratch copies; the cell then says
-which pre-existing files were lost or changed.
+which pre-existing files were lost or changed, and which were written outside --out.
 """
 import argparse, json, os, shutil, signal, subprocess, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

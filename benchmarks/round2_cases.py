@@ -4,7 +4,8 @@ Each case runs in a scratch layout rebuilt before every run: W/r2/home/work (the
 the user's notes, calibration text, recipe, a folder of their own, an earlier search) and
 W/r2/home/models/tiny (the source model, with a note of its own). The command runs with PYTHONPATH
 naming the checkout under test and the hub offline; the cell adds the pre-existing files a run lost
-or changed outside its --out, and for some cases what the run produced (a mask, a warning).
+or changed (a replaced --out included), the files it wrote outside --out, and for some cases what
+the run produced (a mask, a warning).
 """
 import json
 import os
@@ -150,7 +151,7 @@ def _lost(snap, after, argv, cwd, rc) -> str:
         p = (root / k).resolve() if (root / k).exists() else root / k
         return target is None or not (p == target or target in p.parents)
 
-    gone = [k for k, v in snap.items() if outside(k) and after.get(k, "absent") != v]
+    gone = [k for k, v in snap.items() if after.get(k, "absent") != v]  # anywhere: a replaced --out included
     new = [k for k in after if k not in snap and outside(k)]
     msg = ""
     if gone:
