@@ -2,16 +2,23 @@
 checkout and from this one; prints a markdown table of exit code and message per input.
 
 usage: git worktree add /tmp/old 6617cd0
-       python benchmarks/bad_input_table.py --before /tmp/old [--work /tmp/ba] > table.md
+       python benchmarks/bad_input_table.py --before /tmp/old [--work /tmp/ba] [--cases round1|round2|all] > table.md
 (the data file is ../shared/data/wikitext2/wiki.valid.tokens.txt; both trees run in this
 interpreter's environment, the compression one)
+
+round2 (issue 23) runs each case in a scratch layout rebuilt before every run (a working directory
+holding the user's notes, the source model, an earlier search...), with PYTHONPATH naming the
+checkout, so an older checkout that deletes files deletes only scratch copies; the cell then says
+which pre-existing files were lost or changed, and which were written outside --out.
 """
 import argparse, json, os, shutil, signal, subprocess, sys, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pathlib import Path
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--before", required=True, help="a checkout of the older commit")
 ap.add_argument("--work", default="/tmp/bad-input-table", help="scratch folder (recreated)")
+ap.add_argument("--cases", default="all", choices=["round1", "round2", "all"], help="which rounds of bad inputs")
 args = ap.parse_args()
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +130,13 @@ def run(cwd, argv):
     s = summary(err)
     if rc == 0: s = (out.strip().splitlines() or ["(no output)"])[-1][:150]
     return rc, s
+cell = lambda x: f"{x[0]}: {x[1]}".replace("|", "\\|")
 print("| input | before: exit, message | after: exit, message |\n| --- | --- | --- |", flush=True)
-for name, argv in CASES:
-    b = run(args.before, argv); a = run(str(ROOT), argv)
-    cell = lambda x: f"{x[0]}: {x[1]}".replace("|", "\\|")
-    print(f"| {name} | {cell(b)} | {cell(a)} |", flush=True)
+if args.cases in ("round1", "all"):
+    for name, argv in CASES:
+        b = run(args.before, argv); a = run(str(ROOT), argv)
+        print(f"| {name} | {cell(b)} | {cell(a)} |", flush=True)
+if args.cases in ("round2", "all"):
+    import round2_cases  # benchmarks/round2_cases.py: the layouts and cases of issue 23
+    for name, b, a in round2_cases.table(W, ROOT, Path(args.before), PY, summary):
+        print(f"| {name} | {cell(b)} | {cell(a)} |", flush=True)

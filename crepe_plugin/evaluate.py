@@ -11,7 +11,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["perplexity", "perplexity_of_ids", "load_model", "EvalError"]
+__all__ = ["perplexity", "perplexity_of_ids", "load_model", "check_device", "EvalError"]
 
 
 class EvalError(ValueError):
@@ -19,31 +19,31 @@ class EvalError(ValueError):
 
 
 def load_model(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu"):
-    """Load a dense, pruned or compressed-tensors checkpoint (decompressed) for eval.
+    """Load a dense, pruned or compressed-tensors checkpoint (decompressed) for eval, with its
+    tokenizer. A checkpoint whose weights do not all load is refused (``models.load_checkpoint``):
+    transformers would fill the gaps with freshly initialised weights and the perplexity would look
+    plausible."""
+    from .models import load_checkpoint, load_processor, text_tokenizer
 
-    A checkpoint whose weights do not all load is refused: transformers would fill the gaps
-    with freshly initialised weights and the perplexity would look plausible."""
-    from pathlib import Path
-
-    from .models import load_processor, model_class, text_tokenizer
-
-    p = Path(path)
-    if p.exists() and not (p / "config.json").is_file():
-        raise EvalError(f"{path} is not a model directory (no config.json)")
-    from safetensors import SafetensorError
-
-    try:
-        model, info = model_class(path).from_pretrained(path, dtype=dtype, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated or corrupt safetensors, bad config
-        raise EvalError(f"{path}: cannot load the checkpoint: {' '.join(str(e).split())[:300]}") from None
-    missing = list(info.get("missing_keys") or [])
-    if missing:
-        raise EvalError(
-            f"{path}: {len(missing)} weights are missing from the checkpoint (first: '{missing[0]}'); "
-            "they would be evaluated freshly initialised"
-        )
+    check_device(device)
+    model = load_checkpoint(path, dtype)
     model.to(device).eval()
     return model, text_tokenizer(load_processor(path))
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch does not know, or one this machine does not have, in one line."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise EvalError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if d.type == "cpu":
+        return
+    backend = getattr(torch, d.type, None)
+    available = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if not available or (d.index is not None and d.index >= count):
+        raise EvalError(f"--device {device}: this machine has no such {d.type} device ({count} available)")
 
 
 @torch.no_grad()
@@ -54,10 +54,16 @@ def perplexity_of_ids(model, ids: torch.Tensor, seqlen: int, max_segments: int |
         raise EvalError(f"max_segments must be at least 1, got {max_segments}")
     ids = ids.reshape(-1)
     nseg = ids.numel() // seqlen
+    if max_segments and 0 < nseg < max_segments:
+        from loguru import logger
+
+        logger.warning(f"the text holds {nseg} segments of {seqlen} tokens, fewer than --max-segments {max_segments}: "
+                       f"the perplexity is over {nseg}")  # fmt: skip
     if max_segments:
         nseg = min(nseg, max_segments)
     if nseg == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one segment of {seqlen}")
+        raise EvalError(f"the text has {ids.numel()} tokens, fewer than one segment of --seqlen {seqlen}; "
+                        "give a longer text or a shorter --seqlen")
     device = next(model.parameters()).device
     nll_sum = 0.0
     for i in tqdm(range(nseg), desc="perplexity", disable=not progress):

@@ -14,7 +14,8 @@ from loguru import logger
 
 from .core.files import atomic_write
 
-__all__ = ["cache_dir", "smollm2_path", "gemma3_path", "SMOLLM2_GGUF", "is_vision_language", "model_class", "load_processor", "text_tokenizer"]
+__all__ = ["cache_dir", "smollm2_path", "gemma3_path", "SMOLLM2_GGUF", "is_vision_language", "model_class", "load_processor",
+           "text_tokenizer", "ModelError", "check_model", "load_checkpoint"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -201,3 +202,89 @@ def load_processor(path: str):
 def text_tokenizer(processor):
     """The tokenizer inside a processor (or the tokenizer itself)."""
     return getattr(processor, "tokenizer", processor)
+
+
+# ---------------------------------------------------------------- refusing a model before loading it
+
+
+class ModelError(ValueError):
+    """A model directory or name is unusable; the message names the file or field."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "processor_config.json")  # fmt: skip
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
+
+
+def _hub_cached(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def check_model(path: str) -> None:
+    """Refuse, before anything loads, a model transformers would fail on with a traceback or a
+    misleading message: a missing directory, a hub name not cached while the hub is offline, no
+    config.json or one transformers cannot read, no weight files, no tokenizer."""
+    from .data import hub_offline
+
+    import re
+
+    p = Path(path)
+    if not p.exists():
+        if not re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", str(path)):
+            raise ModelError(f"model {path!r}: no such directory (hub models are named 'owner/name')")
+        if hub_offline() and not _hub_cached(str(path)):
+            raise ModelError(f"model {path!r} was not found locally and the hub is offline (HF_HUB_OFFLINE=1)")
+        return
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise ModelError(f"{path} is not a model directory (no config.json)")
+    if (p / ".crepe-incomplete").exists():
+        raise ModelError(f"{path} is marked incomplete (an interrupted save); its weights may be half written")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"{p / 'config.json'}: transformers cannot read it ({' '.join(str(e).split())[:200]})") from None
+    if not any(any(p.glob(g)) for g in WEIGHT_GLOBS):
+        raise ModelError(f"{path} holds no weight files (model.safetensors, its shards and index, or pytorch_model.bin)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}); copy the tokenizer files of "
+                         "the model it came from")  # fmt: skip
+
+
+def load_checkpoint(path: str, dtype="auto"):
+    """The model of ``path`` (``check_model`` first), refusing one whose weights do not all load:
+    transformers would otherwise fill a missing or mis-shaped weight with a fresh initialisation
+    (the config says another ``hidden_size``, a tensor was removed), and every figure computed
+    from the model would look plausible."""
+    import transformers
+    from safetensors import SafetensorError
+
+    check_model(path)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report would print a table; we say it in one line
+    try:
+        model, info = model_class(path).from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True)  # fmt: skip
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated or corrupt safetensors, bad config
+        raise ModelError(f"{path}: cannot load the checkpoint: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda x: x[0])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise ModelError(
+            f"{path}: weight '{key}' is {tuple(stored)} in the checkpoint but config.json makes it {tuple(expected)} "
+            f"({len(mismatched)} such weights); config.json does not describe these weights (hidden_size?)"
+        )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(
+            f"{path}: {len(missing)} weights are missing from the checkpoint (first: '{missing[0]}'); "
+            "they would be used freshly initialised"
+        )
+    return model

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 from loguru import logger
 
-__all__ = ["RecipeError", "load_recipe", "resolve_model", "prune", "atomic_output"]
+from .outputs import INCOMPLETE_MARKER, OutputError, atomic_output  # noqa: F401  (re-exported)
 
-INCOMPLETE_MARKER = ".crepe-incomplete"
+__all__ = ["RecipeError", "OutputError", "load_recipe", "resolve_model", "prune", "atomic_output", "INCOMPLETE_MARKER"]
 
 
 class RecipeError(ValueError):
@@ -27,7 +25,7 @@ def check_recipe_dict(obj, where: str) -> None:
 
     It reads only top-level keys ending in '_stage' (and 'args'), and inside a stage only
     groups ending in '_modifiers'; anything else is ignored, so one misspelled key drops a
-    whole stage. An unquoted ``mask_structure: 2:4`` is read by YAML as the number 124.
+    whole stage. Each modifier's fields: ``_check_modifier_args``.
     """
     if obj is None or (isinstance(obj, (dict, list, str)) and not obj):
         raise RecipeError(f"recipe {where} is empty")
@@ -52,33 +50,80 @@ def check_recipe_dict(obj, where: str) -> None:
             if not isinstance(mods, dict) or not mods:
                 raise RecipeError(f"recipe {where}: group '{key}.{group}' holds no modifier")
             for name, args in mods.items():
-                ms = (args or {}).get("mask_structure") if isinstance(args, dict) else None
-                if isinstance(ms, (int, float)):
-                    raise RecipeError(
-                        f"recipe {where}: {name}.mask_structure was read as the number {ms}: YAML reads an "
-                        'unquoted 2:4 as a base-60 number; quote it: mask_structure: "2:4"'
-                    )
+                if isinstance(args, dict):
+                    _check_modifier_args(name, args, where)
+
+
+def _check_modifier_args(name: str, args: dict, where: str) -> None:
+    """One modifier's fields, for any modifier: a 're:' entry of targets / ignore (or a
+    sparsity-map key) must compile; an unquoted ``mask_structure: 2:4`` is read by YAML as the
+    number 124."""
+    from .core.errors import PruningError
+    from .core.layers import check_name_patterns
+
+    sparsity = args.get("sparsity")
+    for fld, entries in (("targets", args.get("targets")), ("ignore", args.get("ignore")),
+                         ("sparsity", list(sparsity) if isinstance(sparsity, dict) else None)):  # fmt: skip
+        try:
+            check_name_patterns(entries, f"{name}.{fld}")
+        except PruningError as e:
+            raise RecipeError(f"recipe {where}: {e}") from None
+    ms = args.get("mask_structure")
+    if isinstance(ms, (int, float)):
+        raise RecipeError(
+            f"recipe {where}: {name}.mask_structure was read as the number {ms}: YAML reads an "
+            'unquoted 2:4 as a base-60 number; quote it: mask_structure: "2:4"'
+        )
+
+
+def read_yaml(text: str, where: str):
+    """YAML, refusing a mapping that names a key twice (YAML keeps the last one silently, so a
+    second ``CRePEPruningModifier:`` or a field written twice would drop the first)."""
+    import yaml
+
+    class _Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor': merged keys may be overridden
+                continue
+            key = loader.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise RecipeError(f"recipe {where}: key '{key}' appears twice (lines {lines[key]} and {line}); "
+                                      "YAML would keep only the second")  # fmt: skip
+                lines[key] = line
+            except TypeError:  # an unhashable key: YAML itself refuses it below
+                pass
+        return loader.construct_mapping(node, deep)
+
+    _Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=_Strict)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {where} is not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def load_recipe(recipe):
     """Parse a recipe (path, YAML string, Recipe or modifiers) and refuse one with no modifier,
     or with keys llm-compressor would silently ignore (``check_recipe_dict``)."""
     from . import modifiers  # noqa: F401  (registers our modifiers with llm-compressor)
-    import yaml
-
     from .compat.llmcompressor import UnknownModifierError, create_recipe
 
     if isinstance(recipe, (str, Path)):
         text_given = "\n" in str(recipe) or (isinstance(recipe, str) and str(recipe).lstrip().startswith("{"))
         if not text_given and not Path(recipe).is_file():
-            raise RecipeError(f"recipe {str(recipe)!r}: no such file")
+            what = "is a directory, not a recipe file" if Path(recipe).is_dir() else "no such file"
+            raise RecipeError(f"recipe {str(recipe)!r}: {what}")
         where = "(inline)" if text_given else str(recipe)
-        text = str(recipe) if text_given else Path(recipe).read_text(encoding="utf-8")
         try:
-            obj = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe {where} is not valid YAML: {' '.join(str(e).split())}") from None
-        check_recipe_dict(obj, where)
+            text = str(recipe) if text_given else Path(recipe).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe {where} is not UTF-8 text (byte at offset {e.start}); a recipe is a YAML file") from None
+        check_recipe_dict(read_yaml(text, where), where)
     try:
         r = create_recipe(str(recipe) if isinstance(recipe, Path) else recipe)
     except UnknownModifierError as e:
@@ -91,6 +136,22 @@ def load_recipe(recipe):
             "sparsity_modifiers: CRePEPruningModifier: ...)"
         )
     return r
+
+
+def _refuse_idle_pruners(r, recipe) -> None:
+    """A pruner whose sparsity is 0 for every layer prunes nothing, and the save would then fail
+    verification for want of a record, after the whole calibration: say so when the recipe is read."""
+    from .core import parse_structure
+    from .modifiers import CRePEPruningModifier
+
+    for m in r.modifiers:
+        if isinstance(m, CRePEPruningModifier) and m.prunes_nothing:
+            n, mm = parse_structure(m.mask_structure)
+            raise RecipeError(
+                f"recipe {recipe!s:.200}: {type(m).__name__}.sparsity is 0 for every layer, so mask_structure "
+                f"'{m.mask_structure}' would prune nothing; give {f'N/M = {n / mm:g}' if n else 'a fraction in (0, 1)'} "
+                "or remove the modifier"
+            )
 
 
 def resolve_model(model: str) -> str:
@@ -106,99 +167,30 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def _fsync_tree(d: Path) -> None:
-    """Flush every file under ``d`` and the directories themselves to disk."""
-    for f in sorted(d.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    for sub in [d, *sorted(x for x in d.rglob("*") if x.is_dir())]:
-        _fsync_dir(sub)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
+def local_model_dir(model: str) -> Path | None:
+    """The folder a model is read from: a local path, or a hub name's cache folder."""
+    if Path(model).exists():
+        return Path(model).resolve()
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return None
+    d = Path(HF_HUB_CACHE) / f"models--{model.replace('/', '--')}"
+    return d if "/" in model and d.is_dir() else None
 
 
-class atomic_output:
-    """Context manager: write into a hidden sibling directory, rename onto ``out`` on success.
+def input_paths(model: str, recipe=None, calib: str | None = None) -> list[tuple[str, Path]]:
+    """(what, path) of every local input a command reads: no output may be, hold or lie inside one."""
+    from .data import split_source
 
-    - An interrupted run (exception, Ctrl-C, SIGTERM) leaves no ``out`` and removes its own
-      temporary directory; a killed one leaves only ``.NAME.tmp-PID`` marked incomplete, which
-      the next run into the same ``out`` removes.
-    - The written files and directories are fsynced before the rename.
-    - With ``overwrite``, the old checkpoint is first renamed to ``.NAME.old-PID`` and the new
-      one renamed into place; the old one is removed only after that. A crash between the two
-      renames leaves the new checkpoint complete in ``.NAME.tmp-PID`` and the old one in
-      ``.NAME.old-PID``: the next run moves the old one back before it starts, so ``out``
-      is never lost.
-    """
-
-    def __init__(self, out: str | Path, overwrite: bool = False):
-        self.out = Path(out).resolve()
-        self._recover()
-        if self.out.exists() and not overwrite:
-            raise FileExistsError(f"{self.out} exists; pass --overwrite to replace it")
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
-        self._old_handler = None
-
-    def _siblings(self, kind: str) -> list[Path]:
-        if not self.out.parent.is_dir():
-            return []
-        return sorted(self.out.parent.glob(f".{self.out.name}.{kind}-*"))
-
-    def _recover(self) -> None:
-        """Undo what a killed earlier run left: restore an old checkpoint whose replacement
-        never arrived, and delete temporary directories marked incomplete."""
-        olds = self._siblings("old")
-        if olds and not self.out.exists():
-            os.replace(olds[-1], self.out)
-            logger.warning(f"restored {self.out} from {olds[-1].name}, left by an interrupted --overwrite")
-            olds = olds[:-1]
-        for d in olds:
-            shutil.rmtree(d, ignore_errors=True)
-        for d in self._siblings("tmp"):
-            if (d / INCOMPLETE_MARKER).exists() or not any(d.iterdir()):
-                shutil.rmtree(d, ignore_errors=True)
-
-    def _on_sigterm(self, signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def __enter__(self) -> Path:
-        import signal
-        import threading
-
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
-        (self.tmp / INCOMPLETE_MARKER).write_text("interrupted save; do not use\n")
-        if threading.current_thread() is threading.main_thread():
-            self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)  # clean up as for Ctrl-C
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        import signal
-
-        if self._old_handler is not None:
-            signal.signal(signal.SIGTERM, self._old_handler)
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        (self.tmp / INCOMPLETE_MARKER).unlink(missing_ok=True)
-        _fsync_tree(self.tmp)
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
+    found = []
+    if (m := local_model_dir(model)) is not None:
+        found.append(("source model", m))
+    if isinstance(recipe, (str, Path)) and "\n" not in str(recipe) and Path(recipe).is_file():
+        found.append(("recipe", Path(recipe)))
+    if calib and Path(split_source(calib)[0]).exists():
+        found.append(("calibration text", Path(split_source(calib)[0])))
+    return found
 
 
 def prune(
@@ -218,12 +210,13 @@ def prune(
     from .checkpoint.save import save_pruned
     from .checkpoint.verify import verify_checkpoint
     from .data import calibration_dataset, collate_one, image_text_dataset
-    from .models import is_vision_language, load_processor, model_class, text_tokenizer
+    from .models import check_model, is_vision_language, load_checkpoint, load_processor, text_tokenizer
 
-    r = load_recipe(recipe)
     model = resolve_model(model)
-    if Path(model).exists() and not (Path(model) / "config.json").is_file():
-        raise RecipeError(f"{model} is not a model directory (no config.json)")
+    sink = atomic_output(out, overwrite, inputs=input_paths(model, recipe, calib))  # checked before any work
+    r = load_recipe(recipe)
+    _refuse_idle_pruners(r, recipe)
+    check_model(model)
     processor = load_processor(model)  # a vision-language model's processor is saved with it
     tok = text_tokenizer(processor)
     try:
@@ -234,9 +227,9 @@ def prune(
         limit = None
     images = image_text_dataset(calib, processor, num_samples, seed) if is_vision_language(model) else None
     ds = images if images is not None else calibration_dataset(calib, tok, num_samples, seqlen, seed, max_positions=limit)
-    with atomic_output(out, overwrite) as tmp:
+    with sink as tmp:
         t0 = time.perf_counter()
-        loaded = model_class(model).from_pretrained(model, dtype="auto")
+        loaded = load_checkpoint(model)
         extra = {} if images is None else {"data_collator": collate_one}
         pruned = oneshot(model=loaded, processor=processor, dataset=ds, recipe=r, num_calibration_samples=len(ds),
                          max_seq_length=seqlen, save_compressed=save_compressed, **extra)  # fmt: skip
@@ -250,10 +243,15 @@ def prune(
         from .modifiers import CRePEPruningModifier
 
         ours = any(isinstance(m, CRePEPruningModifier) for m in r.modifiers)
-        report = verify_checkpoint(tmp, require_record=ours)
-        if not report.ok:
-            from .core.errors import PruningError
+        from .checkpoint.verify import CheckpointError
+        from .core.errors import PruningError
 
+        try:  # messages name OUT, not the temporary directory that is about to disappear
+            report = verify_checkpoint(tmp, require_record=ours)
+        except CheckpointError as e:
+            raise CheckpointError("the saved checkpoint failed verification, so it was not kept: "
+                                  + str(e).replace(str(tmp), str(sink.out))) from None  # fmt: skip
+        if not report.ok:
             raise PruningError("the saved checkpoint failed verification, so it was not kept: " + "; ".join(report.errors))
     logger.info(f"saved {out} in {seconds:.1f}s ({len(report.layers)} layers verified)")
     return {"out": str(Path(out).resolve()), "seconds": seconds, "record": report.record}

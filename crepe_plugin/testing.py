@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_tokenizer", "tiny_llama", "save_tiny_llama", "save_tiny_gpt2", "save_tiny_moe", "save_tiny_llava"]
+__all__ = ["tiny_tokenizer", "tiny_llama", "save_tiny_llama", "save_tiny_gpt2", "save_tiny_moe", "save_tiny_llava",
+           "save_weight_layouts"]
 
 _ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:'\"!?-()\n@=")
 
@@ -148,3 +149,40 @@ def save_tiny_llava(path: str | Path, hidden: int = 64, layers: int = 2, seed: i
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_weight_layouts(root: str | Path) -> dict[str, Path]:
+    """Folders of tiny safetensors files laid out as checkpoints are found in the wild (single file,
+    shards with their index, a stale file beside them, shards without an index, a stray file, an
+    explicit ``transformers_weights``, Mistral's consolidated file), to compare which files a loader
+    reads. Each holds a config.json; tensors are 2 x 4."""
+    import json
+
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    index = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
+    layouts = {
+        "single": ["model.safetensors"],
+        "sharded": [*index.values(), "index"],
+        "stale dense beside shards": [*index.values(), "index", "model.safetensors"],
+        "a second file after model.safetensors": ["model.safetensors", "pruned.safetensors"],
+        "shards without index": list(index.values()),
+        "stray file beside shards": [*index.values(), "index", "calib_stats.safetensors"],
+        "explicit transformers_weights": ["model.safetensors", "weights.safetensors", "explicit"],
+        "consolidated": ["model.safetensors", "consolidated.safetensors"],
+    }
+    out = {}
+    for name, files in layouts.items():
+        d = root / name.replace(" ", "-")
+        d.mkdir(parents=True)
+        config = {"transformers_weights": "weights.safetensors"} if "explicit" in files else {}
+        (d / "config.json").write_text(json.dumps(config))
+        for f in files:
+            if f == "index":
+                (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+            elif f != "explicit":
+                keys = [k for k, v in index.items() if v == f] or list(index)
+                save_file({k: torch.ones(2, 4) for k in keys}, str(d / f), metadata={"format": "pt"})
+        out[name] = d
+    return out

@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -149,3 +150,21 @@ def _still_valid(d):
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+def test_weight_files_resolve_as_transformers_resolves_them(tmp_path):
+    """verify's notion of the files transformers reads is transformers' own, on every layout."""
+    from transformers.modeling_utils import _get_resolved_checkpoint_files
+
+    from crepe_plugin.checkpoint.verify import _transformers_files
+    from crepe_plugin.testing import save_weight_layouts
+
+    for name, d in save_weight_layouts(tmp_path).items():
+        config = json.loads((d / "config.json").read_text())
+        try:
+            files, _ = _get_resolved_checkpoint_files(str(d), None, None, None, None, False,
+                                                      transformers_explicit_filename=config.get("transformers_weights"))
+            theirs = sorted(Path(f).name for f in files)
+        except OSError:
+            theirs = None
+        assert _transformers_files(d, config) == theirs, name

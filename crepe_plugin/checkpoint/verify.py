@@ -6,7 +6,9 @@ Handles dense weights, FP8 (``float-quantized``), INT8 (``int-quantized``) and p
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,10 @@ from safetensors import safe_open
 
 from ..core.config import CRePEConfig
 from ..core.masks import parse_structure, zero_mask_nm_violations
-from .record import RECORD_KEY, parse_record
+from .record import RECORD_KEY, ModuleRecord, Record, parse_record
 
-__all__ = ["LayerReport", "VerifyReport", "CheckpointError", "verify_checkpoint", "unpack_int4"]
+__all__ = ["LayerReport", "VerifyReport", "CheckpointError", "verify_checkpoint", "read_config", "loaded_files", "open_weights",
+           "unpack_int4"]
 
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -134,16 +137,60 @@ def _zero_point(get, name: str, q: torch.Tensor) -> torch.Tensor | None:
 
 
 def verify_checkpoint(path: str | Path, structure: str | None = None, require_record: bool = False) -> VerifyReport:
-    """Inspect every 2-D weight of a saved checkpoint.
+    """Inspect every 2-D weight of a saved checkpoint, in the files a loader reads.
 
     Layers recorded in config.json's ``crepe_sparsity`` record are checked against their
-    recorded structure (N:M; unstructured: the recorded sparsity) and must hold finite
-    weights, or the report fails. Other layers are reported against ``structure`` (default
-    2:4) for information. ``require_record``: a checkpoint without recorded layers fails.
-    Raises CheckpointError when the checkpoint is unreadable, incomplete or its record
-    malformed (``crepe verify`` exits 2).
+    recorded structure (N:M; unstructured: the recorded sparsity), must hold finite weights,
+    at least the recorded share of zeros and not only zeros, or the report fails. Other layers
+    are reported against ``structure`` (default 2:4) for information. ``require_record``: a
+    checkpoint without recorded layers fails. Raises CheckpointError when the checkpoint is
+    unreadable, incomplete, its record malformed, or its weight files ambiguous (``crepe
+    verify`` exits 2).
     """
     path = Path(path)
+    config, parsed = read_config(path)
+    keys, get = open_weights(path, config)
+    modules = parsed.modules if parsed else {}
+    report = VerifyReport(path=path, record=config.get(RECORD_KEY), check_structure=parse_structure(structure or "2:4"),
+                          config=parsed.score_config if parsed else None)  # fmt: skip
+    for name in _weight_names(keys, modules):
+        checked = _check_layer(path, get, name, keys, modules.get(name), report.check_structure)
+        if checked is not None:
+            report.layers.append(checked[0])
+            report.errors += checked[1]
+    seen = {layer.name for layer in report.layers}
+    absent = [name for name in modules if name not in seen]
+    if absent:
+        raise CheckpointError(
+            f"{path}: {len(absent)} layers in the record have no weight in the checkpoint (first: '{absent[0]}')"
+        )
+    if require_record and not modules:
+        report.errors.append(
+            f"no {RECORD_KEY} record" + (" modules" if parsed else "") + " in config.json: nothing says which layers are N:M"
+        )
+    return report
+
+
+def _json_without_duplicates(path: Path):
+    """A JSON file, refusing an object that names a key twice (json keeps the last silently)."""
+
+    def pairs(items):
+        seen = set()
+        for k, _ in items:
+            if k in seen:
+                raise CheckpointError(f"{path}: key '{k}' appears twice in one object; a reader keeps only the last")
+            seen.add(k)
+        return dict(items)
+
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=pairs)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+
+
+def read_config(path: Path) -> tuple[dict, "Record | None"]:
+    """(config.json, its parsed record or None); CheckpointError for a directory that is not a
+    complete checkpoint, an unreadable config or a malformed record."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     if (path / ".crepe-incomplete").exists():
@@ -151,56 +198,110 @@ def verify_checkpoint(path: str | Path, structure: str | None = None, require_re
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path}: no config.json; not a model directory (or an interrupted save)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    config = _json_without_duplicates(cfg_path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path}: not a JSON object")
     record = config.get(RECORD_KEY)
-    parsed = None
-    if record is not None:
-        try:
-            parsed = parse_record(record)
-        except ValueError as e:
-            raise CheckpointError(f"{cfg_path}: {e}") from None
-    mods = parsed.modules if parsed else {}
-    recorded = {k: v.structure for k, v in mods.items()}
-    in_out = {k for k, v in mods.items() if v.layout == "in_out"}
+    if record is None:
+        return config, None
+    try:
+        return config, parse_record(record)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not a mapping of tensor names to file names")
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise CheckpointError(f"{index}: malformed shard index ({' '.join(str(e).split())[:200]})") from None
-        if any("/" in f or f.startswith("..") for f in weight_map.values()):
-            raise CheckpointError(f"{index}: shard names must be plain file names in the checkpoint directory")
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: shards listed in the index are missing: {missing}")
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path}: no *.safetensors files")
-        weight_map = None
 
+def _index_map(path: Path, name: str) -> dict[str, str] | None:
+    """The weight_map of an index file, or None when there is none."""
+    index = path / name
+    if not index.is_file():
+        return None
+    data = _json_without_duplicates(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: malformed shard index (weight_map is not a mapping of tensor names to file names)")
+    if any("/" in f or "\\" in f or f.startswith("..") for f in weight_map.values()):
+        raise CheckpointError(f"{index}: shard names must be plain file names in the checkpoint directory")
+    return weight_map
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def _transformers_files(path: Path, config: dict) -> list[str] | None:
+    """The safetensors files transformers 5 reads from a local directory: the file named by
+    config's ``transformers_weights``, else model.safetensors, else the shards of its index."""
+    explicit = config.get("transformers_weights")
+    if isinstance(explicit, str):
+        if explicit.endswith(".safetensors.index.json"):
+            return sorted(set((_index_map(path, explicit) or {}).values()))
+        return [explicit]
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    weight_map = _index_map(path, INDEX)
+    return None if weight_map is None else sorted(set(weight_map.values()))
+
+
+def _vllm_files(path: Path, present: list[str]) -> list[str]:
+    """The safetensors files vLLM 0.32 reads (``DefaultModelLoader._prepare_weights``, load format
+    auto): every consolidated*.safetensors if there is one (Mistral's format), else every
+    *.safetensors; kept only if listed in the format's index when there is an index."""
+    consolidated = [f for f in present if f.startswith("consolidated")]
+    files, index = (consolidated, "consolidated.safetensors.index.json") if consolidated else (present, INDEX)
+    weight_map = _index_map(path, index)
+    return files if weight_map is None else [f for f in files if f in set(weight_map.values())]
+
+
+def loaded_files(path: Path, config: dict) -> list[str]:
+    """The safetensors files a loader reads, resolved as transformers and vLLM resolve them.
+
+    CheckpointError where they would read different files, where an index lists a missing
+    shard, or where a *.safetensors file is read by neither (a stale or foreign file that a
+    loader globbing the folder would take for weights)."""
+    present = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(str(path)), "*.safetensors"))
+                     if os.path.isfile(f))  # fmt: skip
+    if not present:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    hf, vl = _transformers_files(path, config), _vllm_files(path, present)
+    missing = [f for f in (hf or []) if f not in present]
+    if missing:
+        raise CheckpointError(f"{path}: weight files the index (or config's transformers_weights) names are missing: {missing}")
+    if hf is None:
+        raise CheckpointError(
+            f"{path}: no model.safetensors and no {INDEX}: transformers loads nothing, vLLM would read {vl}"
+        )
+    if set(hf) != set(vl):
+        raise CheckpointError(
+            f"{path}: transformers reads {hf} but vLLM reads {vl}: the loaders would load different weights; "
+            "remove the stale file(s)"
+        )
+    unread = [f for f in present if f not in hf]
+    if unread:
+        raise CheckpointError(
+            f"{path}: {unread[0]} is read by no loader (they read {hf}); a stale or foreign weight file, remove it"
+        )
+    return hf
+
+
+def open_weights(path: Path, config: dict):
+    """({tensor name: file} of the files a loader reads, a getter returning a tensor or None).
+
+    CheckpointError for a truncated or corrupt file, a tensor stored in two files (which one a
+    loader keeps depends on file order), or an index entry its file does not hold."""
+    files = loaded_files(path, config)
     keys: dict[str, str] = {}
     for fname in files:
-        header = _check_file(path / fname)
-        for k in header:
-            if k != "__metadata__":
-                keys[k] = fname
-    if weight_map is not None:
-        absent = [k for k in weight_map if k not in keys]
-        if absent:
-            raise CheckpointError(f"{path}: {len(absent)} tensors listed in the index are missing, e.g. {absent[0]}")
-
-    report = VerifyReport(path=path, record=record, check_structure=parse_structure(structure or "2:4"),
-                          config=parsed.score_config if parsed else None)  # fmt: skip
+        for k in _check_file(path / fname):
+            if k == "__metadata__":
+                continue
+            if k in keys:
+                raise CheckpointError(
+                    f"{path}: tensor '{k}' is stored in both {keys[k]} and {fname}; which one a loader keeps depends "
+                    "on file order"
+                )
+            keys[k] = fname
+    for k, f in (_index_map(path, INDEX) or {}).items():
+        if keys.get(k) != f:
+            raise CheckpointError(f"{path}: {INDEX} places tensor '{k}' in {f}, which does not hold it")
     try:
         handles = {f: safe_open(str(path / f), framework="pt") for f in files}
     except Exception as e:  # noqa: BLE001 - safetensors' own reader refused a file
@@ -210,53 +311,55 @@ def verify_checkpoint(path: str | Path, structure: str | None = None, require_re
         f = keys.get(k)
         return handles[f].get_tensor(k) if f else None
 
-    names = sorted(
+    return keys, get
+
+
+def _weight_names(keys: dict[str, str], modules: dict) -> list[str]:
+    """Every layer with a weight: NAME.weight, packed NAME.weight_packed, or a fused experts
+    tensor recorded by its own name."""
+    return sorted(
         {k[: -len(".weight")] for k in keys if k.endswith(".weight")}
         | {k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed")}
-        | {n for n in recorded if n in keys}  # a fused experts tensor, recorded by its own name
+        | {n for n in modules if n in keys}
     )
-    seen = set()
-    for name in names:
-        try:
-            fmt, zero, w = _zero_mask(get, name, keys)
-        except CheckpointError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any unreadable tensor is a broken checkpoint
-            raise CheckpointError(f"{path}: layer '{name}': cannot read its weight ({' '.join(str(e).split())[:200]})") from None
-        if zero is None:
-            continue
-        if name in in_out:  # transformers' Conv1D stores (in, out): N:M runs along its first dim
-            zero = zero.t()
-        seen.add(name)
-        rec = recorded.get(name)
-        want = parse_structure(rec) if rec else report.check_structure
-        viol = zero_mask_nm_violations(zero, *want) if want[0] else None
-        nm_ok = None if viol is None else viol == 0
-        report.layers.append(
-            LayerReport(name, fmt, tuple(zero.shape), 1.0 - float(zero.float().mean()), nm_ok, rec, max(viol or 0, 0))
-        )
-        if rec and want[0] and not nm_ok:
-            why = "its input dimension is not divisible by M" if viol == -1 else f"{viol} groups violate it"
-            report.errors.append(f"layer '{name}' is recorded as {rec} but {why}")
-        if rec and fmt == "dense":
-            if not bool(torch.isfinite(w).all()):
-                report.errors.append(f"layer '{name}' holds {int((~torch.isfinite(w)).sum())} NaN/Inf weights")
-        if rec and not want[0] and mods[name].sparsity is not None:
-            measured = float(zero.float().mean())
-            if abs(measured - mods[name].sparsity) > 1e-3:
-                report.errors.append(
-                    f"layer '{name}' is recorded with sparsity {mods[name].sparsity:.4f} but has {measured:.4f}"
-                )
-    absent = [name for name in recorded if name not in seen]
-    if absent:
-        raise CheckpointError(
-            f"{path}: {len(absent)} layers in the record have no weight in the checkpoint (first: '{absent[0]}')"
-        )
-    if require_record and not recorded:
-        report.errors.append(
-            f"no {RECORD_KEY} record" + (" modules" if parsed else "") + " in config.json: nothing says which layers are N:M"
-        )
-    return report
+
+
+def _check_layer(path: Path, get, name: str, keys, rec: "ModuleRecord | None", default: tuple[int, int]):
+    """(LayerReport, errors against the record) for one layer, or None when it is not a weight."""
+    try:
+        fmt, zero, w = _zero_mask(get, name, keys)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable tensor is a broken checkpoint
+        raise CheckpointError(f"{path}: layer '{name}': cannot read its weight ({' '.join(str(e).split())[:200]})") from None
+    if zero is None:
+        return None
+    if rec is not None and rec.layout == "in_out":  # transformers' Conv1D stores (in, out): N:M along its first dim
+        zero = zero.t()
+    want = parse_structure(rec.structure) if rec else default
+    viol = zero_mask_nm_violations(zero, *want) if want[0] else None
+    nm_ok = None if viol is None else viol == 0
+    sparsity = float(zero.float().mean())
+    layer = LayerReport(name, fmt, tuple(zero.shape), 1.0 - sparsity, nm_ok, rec.structure if rec else None, max(viol or 0, 0))
+    return layer, ([] if rec is None else _record_errors(name, rec, fmt, w, want, viol, sparsity))
+
+
+def _record_errors(name: str, rec, fmt: str, w: torch.Tensor, want: tuple[int, int], viol, sparsity: float) -> list[str]:
+    """What makes a recorded layer differ from its record."""
+    errors = []
+    if want[0] and viol != 0:
+        why = "its input dimension is not divisible by M" if viol == -1 else f"{viol} groups violate it"
+        errors.append(f"layer '{name}' is recorded as {rec.structure} but {why}")
+    if fmt == "dense" and not bool(torch.isfinite(w).all()):
+        errors.append(f"layer '{name}' holds {int((~torch.isfinite(w)).sum())} NaN/Inf weights")
+    if sparsity == 1.0:
+        errors.append(f"layer '{name}' is recorded as {rec.structure} but every weight is zero")
+    elif rec.sparsity is not None:
+        # unstructured: the recorded share exactly; N:M: at least it (quantization may round more weights to 0)
+        off = abs(sparsity - rec.sparsity) if not want[0] else rec.sparsity - sparsity
+        if off > 1e-3:
+            errors.append(f"layer '{name}' is recorded with sparsity {rec.sparsity:.4f} but has {sparsity:.4f}")
+    return errors
 
 
 def _zero_mask(get, name: str, keys) -> tuple[str, torch.Tensor | None, torch.Tensor | None]:

@@ -12,7 +12,7 @@ from .errors import CalibrationError, LayerShapeError, NonFiniteError, PruningEr
 from .layers import decoder_layer, from_stored_layout, is_conv1d, set_weight, to_stored_layout, weight_out_in
 from .masks import check_nm_width, is_nm, nm_mask, nm_violations, parse_structure, prune_mask, unstructured_mask
 from .prune import LayerStats, PruneConfig, Reconstruction, layer_mask, prune_layer
-from .scores import crepe_saliency, crepe_scores, neighborhood, relative_importance
+from .scores import crepe_saliency, crepe_scores, linear_scores, neighborhood, relative_importance
 from .stats import CalibStats, HessianStats, InputMomentStats, InputNormStats, gather_stats
 from .allocation import outlier_ratio, owl_sparsities, wanda_importance
 from .dsnot import dsnot_refine, expected_error
@@ -35,6 +35,7 @@ __all__ = [
     "NonFiniteError",
     "CalibrationError",
     "crepe_scores",
+    "linear_scores",
     "relative_importance",
     "neighborhood",
     "prune_mask",

@@ -6,7 +6,8 @@ import re
 
 import torch
 
-__all__ = ["is_conv1d", "weight_out_in", "to_stored_layout", "from_stored_layout", "set_weight", "decoder_layer"]
+__all__ = ["is_conv1d", "weight_out_in", "to_stored_layout", "from_stored_layout", "set_weight", "decoder_layer",
+           "check_name_patterns"]
 
 
 def is_conv1d(module: torch.nn.Module) -> bool:
@@ -50,3 +51,16 @@ def decoder_layer(module_name: str) -> tuple[str, int] | None:
     -> ``("model.layers.3", 3)``), or None. The one definition of "which decoder layer"."""
     m = _DECODER_LAYER.match(module_name)
     return (m.group(1), int(m.group(2))) if m else None
+
+
+def check_name_patterns(entries, where: str) -> None:
+    """Refuse a 're:' entry of a targets / ignore list (or a sparsity-map key) that is not a valid
+    regular expression, naming the field and the entry; a name entry passes as it is."""
+    from .errors import PruningError
+
+    for i, entry in enumerate([entries] if isinstance(entries, str) else list(entries or [])):
+        if isinstance(entry, str) and entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as e:
+                raise PruningError(f"{where}[{i}]: {entry!r} is not a valid regular expression ({e})") from None

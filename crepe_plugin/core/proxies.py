@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .errors import CalibrationError, _where
+from .scores import linear_scores
 
 __all__ = ["PROXIES", "gini", "output_energy", "output_error", "output_error_terms", "diag_output_error", "layer_proxy"]
 
@@ -96,5 +97,5 @@ def layer_proxy(
     if proxy == "gini":
         # a score map that concentrates its mass on the kept weights separates them
         # clearly from the pruned ones; minimised, so negated
-        return -gini(scores.masked_fill(mask, 0))
+        return -gini(linear_scores(scores).masked_fill(mask, 0))
     raise ValueError(f"unknown proxy {proxy!r}; expected one of {PROXIES}")

@@ -5,13 +5,15 @@ All ops are vectorised and run alike on CPU and GPU.
 
 from __future__ import annotations
 
+import math
 
 import torch
 
 from .config import RIA_CONFIG, CRePEConfig
 from .errors import CalibrationError, NonFiniteError, _where
 
-__all__ = ["crepe_scores", "crepe_saliency", "relative_importance", "neighborhood", "window_kernel_1d", "check_finite"]
+__all__ = ["crepe_scores", "crepe_saliency", "relative_importance", "neighborhood", "window_kernel_1d", "check_finite",
+           "linear_scores"]
 
 
 def check_finite(t: torch.Tensor, what: str, layer: str | None = None) -> None:
@@ -71,26 +73,34 @@ def _outside_index(n: int, d: int, side: int, border: str, device) -> torch.Tens
     return torch.where(q < 0, -q, 2 * (n - 1) - q)  # reflect, edge not repeated
 
 
-def _window_1d(x: torch.Tensor, k1: torch.Tensor, dim: int, border: str) -> torch.Tensor:
+def _window_1d(x: torch.Tensor, k1: torch.Tensor, dim: int, border: str, log: bool = False) -> torch.Tensor:
     """Correlate x with the symmetric 1-D window k1 along dim, by shifted in-place adds:
-    out[p] = sum_t k1[r + t] * x[p + t], with x outside [0, n) given by ``border``."""
+    out[p] = sum_t k1[r + t] * x[p + t], with x outside [0, n) given by ``border``.
+    ``log``: x holds logarithms and so does the result (the sum taken by logaddexp)."""
     r = k1.numel() // 2
     n = x.shape[dim]
     if border == "reflect" and n <= r:
         border = "replicate"  # a side shorter than the radius cannot be mirrored
     w = k1.tolist()
-    out = x * w[r]
+
+    def add(tgt: torch.Tensor, src: torch.Tensor, alpha: float) -> None:
+        if log:
+            tgt.copy_(torch.logaddexp(tgt, src + math.log(alpha)))
+        else:
+            tgt.add_(src, alpha=alpha)
+
+    out = x + math.log(w[r]) if log else x * w[r]
     for d in range(1, r + 1):
         if d < n:
-            out.narrow(dim, 0, n - d).add_(x.narrow(dim, d, n - d), alpha=w[r + d])
-            out.narrow(dim, d, n - d).add_(x.narrow(dim, 0, n - d), alpha=w[r - d])
+            add(out.narrow(dim, 0, n - d), x.narrow(dim, d, n - d), w[r + d])
+            add(out.narrow(dim, d, n - d), x.narrow(dim, 0, n - d), w[r - d])
         if border in ("zero", "mean"):
             continue
         dd = min(d, n)
         for side, alpha in ((1, w[r + d]), (-1, w[r - d])):
             idx = _outside_index(n, dd, side, border, x.device)
             tgt = out.narrow(dim, n - dd, dd) if side > 0 else out.narrow(dim, 0, dd)
-            tgt.add_(x.index_select(dim, idx), alpha=alpha)
+            add(tgt, x.index_select(dim, idx), alpha)
     return out
 
 
@@ -101,29 +111,33 @@ def _coverage_1d(n: int, k1: torch.Tensor) -> torch.Tensor:
 
 
 def neighborhood(
-    score_map: torch.Tensor, kernel_size: int = 3, kernel: str = "box", border: str = "mean"
+    score_map: torch.Tensor, kernel_size: int = 3, kernel: str = "box", border: str = "mean", log: bool = False
 ) -> torch.Tensor:
     """Weighted k x k window average of ``score_map`` (centre included), same shape.
 
     border: 'mean' renormalises the kernel over in-bounds cells (no padding bias);
     'zero' pads with zeros; 'reflect' / 'replicate' pad by mirroring (edge excluded) /
     repeating the edge. Separable: one 1-D pass along inputs, one along outputs.
+    ``log``: the map holds logarithms of the values, and the result is the log of their average.
     """
     if border not in ("mean", "zero", "reflect", "replicate"):
         raise ValueError(f"unknown border {border!r}")
     if kernel_size == 1:
         return score_map.clone()
     k1 = window_kernel_1d(kernel_size, kernel, dtype=score_map.dtype, device=score_map.device)
-    out = _window_1d(_window_1d(score_map, k1, 1, border), k1, 0, border)
+    out = _window_1d(_window_1d(score_map, k1, 1, border, log), k1, 0, border, log)
     if border == "mean":
         r = kernel_size // 2
         rows, cols = score_map.shape
         cov_r, cov_c = _coverage_1d(rows, k1), _coverage_1d(cols, k1)
+        if log:
+            cov_r, cov_c = cov_r.log(), cov_c.log()
+        scale = torch.Tensor.sub_ if log else torch.Tensor.div_
         # interior coverage is 1 (normalised kernel): only the border bands need rescaling
         for sl in {(0, min(r, rows)), (max(rows - r, 0), min(r, rows))}:
-            out.narrow(0, *sl).div_(cov_r.narrow(0, *sl).unsqueeze(1))
+            scale(out.narrow(0, *sl), cov_r.narrow(0, *sl).unsqueeze(1))
         for sl in {(0, min(r, cols)), (max(cols - r, 0), min(r, cols))}:
-            out.narrow(1, *sl).div_(cov_c.narrow(0, *sl).unsqueeze(0))
+            scale(out.narrow(1, *sl), cov_c.narrow(0, *sl).unsqueeze(0))
     return out
 
 
@@ -146,7 +160,11 @@ def crepe_scores(
     input_sq_norm: (in,), mean over calibration samples of the squared L2 norm of input
         feature j (Wanda's / RIA's ``scaler_row``). ``None`` is allowed only when
         ``act_exponent == 0`` (a data-free score).
-    Returns a tensor of ``weight``'s shape in float32 (float64 if the weight is float64).
+    Returns a tensor of ``weight``'s shape in float32 (float64 if the weight is float64). Where
+    that linear form would overflow or underflow (``||X_j|| ** a`` past float's range: a large
+    act_exponent or extreme input norms), it returns the score's logarithm in float64 instead,
+    shifted below 0: it ranks the weights exactly as the score does, so no mask is decided by
+    Inf, NaN or zeros from underflow; ``linear_scores`` turns it back where magnitudes matter.
     """
     if weight.dim() != 2:
         raise ValueError(f"{_where(layer_name)}: expected a 2-D weight, got shape {tuple(weight.shape)}")
@@ -180,11 +198,56 @@ def crepe_scores(
     if config.neighbor_coef != 0.0:
         if config.neighbor_map == "score" and act is not None:
             ri.mul_(act)
-            return ri.add_(
+            scores = ri.add_(
                 neighborhood(ri, config.kernel_size, config.kernel, config.border), alpha=config.neighbor_coef
             )
+            return scores if _ranks_exactly(scores, weight, s) else _log_scores(weight, s, config, layer_name)
         ri.add_(neighborhood(ri, config.kernel_size, config.kernel, config.border), alpha=config.neighbor_coef)
-    return ri if act is None else ri.mul_(act)
+    if act is None:
+        return ri
+    scores = ri.mul_(act)
+    return scores if _ranks_exactly(scores, weight, s) else _log_scores(weight, s, config, layer_name)
+
+
+def _ranks_exactly(scores: torch.Tensor, weight: torch.Tensor, s: torch.Tensor) -> bool:
+    """The computed scores rank the weights as the real-valued score does: all finite, and none
+    of a non-zero weight with a non-zero input norm has underflowed to 0 (a large act_exponent
+    overflows ||X_j|| ** a to Inf or underflows it to 0; the mask would then follow the index
+    order, not the weights)."""
+    if not bool(torch.isfinite(scores).all()):
+        return False
+    return not bool(((scores == 0) & (weight != 0) & (s.reshape(1, -1) > 0)).any())
+
+
+def _log_scores(weight: torch.Tensor, s: torch.Tensor, config: CRePEConfig, layer_name: str | None) -> torch.Tensor:
+    """The score's logarithm in float64, shifted to lie at or below -1: it ranks the weights as the
+    score does, without overflow or underflow for any finite act_exponent. Negative values tell
+    it from a linear score (``linear_scores``)."""
+    w_abs = weight.detach().to(torch.float64).abs()
+    ri = relative_importance(w_abs, config.row_coef, config.col_coef)
+    la = torch.log(s.to(torch.float64)).mul_(config.act_exponent / 2).reshape(1, -1)  # log ||X_j|| ** a
+    k, kernel, border, c = config.kernel_size, config.kernel, config.border, config.neighbor_coef
+    if c != 0.0 and config.neighbor_map == "score":
+        ls = ri.log_().add_(la)
+        out = torch.logaddexp(ls, neighborhood(ls, k, kernel, border, log=True).add_(math.log(c)))
+    else:
+        if c != 0.0:
+            ri.add_(neighborhood(ri, k, kernel, border), alpha=c)
+        out = ri.log_().add_(la)
+    top = out.max()
+    if not bool(torch.isfinite(top)) and not bool(torch.isneginf(top)):
+        raise NonFiniteError(
+            f"{_where(layer_name)}: act_exponent {config.act_exponent} is too large for its input norms: "
+            "the score is not finite even in log space"
+        )
+    return out.sub_(top if bool(torch.isfinite(top)) else 0.0).sub_(1.0)
+
+
+def linear_scores(scores: torch.Tensor) -> torch.Tensor:
+    """``crepe_scores``' result as linear scores up to a positive factor: a log-form score (it lies
+    below 0, where a linear score never does) is exponentiated; the few that underflow are
+    negligible against the largest, for sums and Gini coefficients."""
+    return scores.exp() if bool((scores < 0).any()) else scores
 
 
 def crepe_saliency(weight: torch.Tensor, config: CRePEConfig = RIA_CONFIG, *, layer_name: str | None = None):
@@ -214,6 +277,11 @@ def crepe_saliency(weight: torch.Tensor, config: CRePEConfig = RIA_CONFIG, *, la
         sc = wa * (c / colsum[cols]) + wa * (r / rowsum)
         if nb is not None:
             sc = sc + nb[:, cols]
-        return sc * inv_d.pow(a) if a != 0.0 else sc
+        if a == 0.0:
+            return sc
+        out = sc * inv_d.pow(a)
+        if _ranks_exactly(out, w, inv_d):
+            return out
+        return sc.to(torch.float64).log_().add_(inv_d.to(torch.float64).log().mul_(a))  # ranks alike, no overflow
 
     return saliency

@@ -52,6 +52,7 @@ from ..compat.llmcompressor import (
     sequential_layer_targets,
 )
 from ..core import CRePEConfig, PruningError, decoder_layer, parse_structure, set_weight
+from ..core.layers import check_name_patterns
 from ..selection import DEFAULT_IGNORE, PRUNABLE, layer_filter, select_layers
 from .gptq import MaskedGPTQModifier
 
@@ -66,6 +67,26 @@ def _offload_assign(module: torch.nn.Module, stored: torch.Tensor) -> None:
     update_offload_parameter(module, "weight", stored)
 
 
+def _refuse_tied(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
+    """A layer whose weight is another module's too (an lm_head tied to the embeddings) cannot be
+    changed alone: pruning it would prune the other, and the saved checkpoint holds only one."""
+    from ..core.errors import PruningError
+
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if w is not None:
+            owners.setdefault(id(w), []).append(name)
+    for name, module in layers.items():
+        others = [o for o in owners.get(id(module._parameters.get("weight")), []) if o != name and o not in layers]
+        if others:
+            raise PruningError(
+                f"layer '{name}' shares its weight with '{others[0]}' (tied, e.g. tie_word_embeddings: true): it "
+                f"cannot be pruned alone, and pruning it would prune '{others[0]}'; keep it in `ignore` "
+                "(e.g. 're:.*lm_head')"
+            )
+
+
 class LayerwiseModifier(Modifier):
     """A modifier that calibrates chosen layers and processes each once its statistics are in."""
 
@@ -73,6 +94,12 @@ class LayerwiseModifier(Modifier):
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
     _layers: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)  # module -> name
+
+    @field_validator("ignore", "targets", mode="after", check_fields=False)
+    @classmethod
+    def _valid_patterns(cls, v, info):
+        check_name_patterns(v, info.field_name)  # a bad 're:' entry fails here, not as a traceback mid-run
+        return v
     _stats: dict[torch.nn.Module, Any] = PrivateAttr(default_factory=dict)
 
     # ------------------------------------------------------------- what a modifier provides
@@ -230,6 +257,7 @@ class PruningModifier(LayerwiseModifier):
         if isinstance(v, dict):
             if not v:
                 raise ValueError("sparsity: the per-layer map is empty")
+            check_name_patterns([k for k in v if k != "default"], "sparsity")
             return {k: _check_fraction(x, f"sparsity[{k!r}]") for k, x in v.items()}
         if isinstance(v, list):
             if not v:
@@ -286,7 +314,31 @@ class PruningModifier(LayerwiseModifier):
                 f"{type(self).__name__}: targets {self.targets} (ignore {self.ignore}) match no "
                 "Linear layer in the model (GPT-2-style models use transformers' Conv1D: target 'Conv1D')"
             )
+        _refuse_tied(model, modules)
         return modules
+
+    def refuse_pruning_twice(self, model: torch.nn.Module, names: list[str]) -> None:
+        """A layer that an earlier pruner of the recipe prunes, or that the model's record already
+        lists, would be pruned twice, and the record would describe the second pass only (2:4 then
+        1:4 leaves a 1:4 record over weights at 50%): refuse it before calibration."""
+        mine = set(names)
+        for p in self.pruners_before():
+            m = p.modifier
+            theirs = getattr(m, "_layers", None) or {}  # ours: the layers it prunes, set at its initialize
+            theirs = set(theirs.values()) if theirs else set(select_layers(model, m.targets, list(m.ignore or [])))
+            if mine & theirs:
+                what = lambda x: f"{type(x).__name__} ({getattr(x, 'mask_structure', None) or 'unstructured'})"  # noqa: E731
+                raise PruningError(
+                    f"layer '{min(mine & theirs)}' would be pruned twice, by {what(m)} and then by {what(self)}; "
+                    "give each layer one pruning modifier (add it to `ignore` in one of them)"
+                )
+        record = getattr(getattr(model, "config", None), RECORD_KEY, None)
+        done = mine & set(record.get("modules", {})) if isinstance(record, dict) else set()
+        if done:
+            raise PruningError(
+                f"layer '{min(done)}' is already pruned (the model's {RECORD_KEY} record lists it as "
+                f"{record['modules'][min(done)].get('structure')}); prune the dense model, or `ignore` the layer"
+            )
 
     def layer_sparsities(self, model: torch.nn.Module, modules: dict[str, torch.nn.Module], seq_targets=None) -> dict[str, float]:
         """The sparsity of every layer in ``modules`` ({name: value}), from ``sparsity``."""

@@ -34,7 +34,7 @@ from pydantic import Field, PrivateAttr
 
 from ..compat.compressed_tensors import align_module_device, get_execution_device, update_offload_parameter
 from ..compat.llmcompressor import State
-from ..core import CRePEConfig, InputNormStats, LayerShapeError, PruningError, check_nm_width, crepe_scores
+from ..core import CRePEConfig, InputNormStats, LayerShapeError, PruningError, check_nm_width, crepe_scores, linear_scores
 from ..core.permutation import find_permutation, kept_importance, stacked_head_scores
 from ..selection import select_layers
 from .base import LayerwiseModifier
@@ -114,7 +114,7 @@ class ChannelPermutationModifier(LayerwiseModifier):
             except LayerShapeError as e:
                 logger.warning(f"channel permutation: {e}")
                 return
-            scores = crepe_scores(w, stats.value(name).to(w.device), self._cfg, layer_name=name)
+            scores = linear_scores(crepe_scores(w, stats.value(name).to(w.device), self._cfg, layer_name=name))
         before = kept_importance(scores, n, m)
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "down_proj":

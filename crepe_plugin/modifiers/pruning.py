@@ -166,6 +166,13 @@ class CRePEPruningModifier(PruningModifier):
         return self._prune
 
     @property
+    def prunes_nothing(self) -> bool:
+        """Every sparsity given is 0 (a pruner kept only to guide a channel permutation, or a mistake)."""
+        sp = self.sparsity
+        values = [sp] if isinstance(sp, float) else list(sp.values()) if isinstance(sp, dict) else list(sp or [None])
+        return not any(v is None or v > 0 for v in values)
+
+    @property
     def crepe_config(self) -> CRePEConfig:
         """The score's coefficients: ``prune_config.score``."""
         return self._prune.score
@@ -184,6 +191,7 @@ class CRePEPruningModifier(PruningModifier):
         n, m = self.structure
         for name, mod in modules.items():
             check_nm_width(weight_out_in(mod).shape[1], m, name, "add it to `ignore`", n=n)
+        self.refuse_pruning_twice(state.model, list(modules))
         self._layers = {mod: name for name, mod in modules.items()}
         self._sparsities = {mod: sparsities[name] for name, mod in modules.items()}
         if self.search is not None:

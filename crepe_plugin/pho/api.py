@@ -18,11 +18,13 @@ list (``crepe_plugin.selection``) plus the caller's ``ignore``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from ..core import PruningError, crepe_defaults, default_scope, parse_structure
 from ..core.files import atomic_write
+from ..core.layers import check_name_patterns
 from ..selection import PRUNABLE
 from .config import SearchConfig
 from .report import write_report
@@ -50,6 +52,58 @@ def recipe_yaml(result: dict) -> str:
     return head + yaml.safe_dump(body, sort_keys=False, default_flow_style=None)
 
 
+def _search_sparsity(structure: str, sparsity: float | None) -> float:
+    """The sparsity searched: N/M for N:M (a --sparsity that contradicts it refused), else given."""
+    n, m = parse_structure(structure)
+    if n and sparsity is not None and abs(sparsity - n / m) > 1e-9:
+        raise PruningError(f"--sparsity {sparsity} contradicts --structure {structure}, which prunes {n}/{m}; "
+                           "drop --sparsity for N:M, or give --structure 0:0 for unstructured")  # fmt: skip
+    if sparsity is None:
+        if not n:
+            raise PruningError("--sparsity is required for unstructured search (--structure 0:0)")
+        sparsity = n / m
+    if not 0 < sparsity < 1:
+        raise PruningError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
+    return sparsity
+
+
+def _open_folder(out_dir, model: str, calib: str, cfg: SearchConfig) -> tuple[Path | None, bool, SearchConfig]:
+    """(the checked --out folder, whether this run created it, cfg with its storage): the folder
+    is checked (``outputs.search_folder``) and the study's storage opened before the model loads,
+    so a bad --out or --storage fails at once and leaves nothing."""
+    from ..outputs import OutputError, search_folder
+    from ..pipeline import input_paths, resolve_model
+
+    out, created = None, False
+    if out_dir is not None:
+        out, created = search_folder(out_dir, input_paths(resolve_model(model), calib=calib))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+        if cfg.storage is None:
+            cfg = cfg.model_copy(update={"storage": f"sqlite:///{(out / 'pho.db').resolve()}"})
+    try:
+        if cfg.storage is not None:
+            open_storage(cfg.storage)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out, created, cfg
+
+
+def open_storage(url: str):
+    """The Optuna storage at ``url``; PruningError in one line naming --storage when it cannot be opened
+    (a malformed URL, a database that cannot be reached, SQLite on a read-only file system)."""
+    import optuna
+
+    try:
+        return optuna.storages.get_storage(url)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds
+        raise PruningError(f"--storage {url!r}: cannot open it ({' '.join(str(e).split())[:200]})") from None
+
+
 def search(
     model: str,
     calib: str,
@@ -71,28 +125,22 @@ def search(
     layers left out besides the defaults (name suffixes or 're:' regexes), e.g. a layer whose
     input width is not divisible by M."""
     cfg = config or SearchConfig()
+    sparsity = _search_sparsity(structure, sparsity)
     n, m = parse_structure(structure)
     structure = f"{n}:{m}"
-    if n and sparsity is not None and abs(sparsity - n / m) > 1e-9:
-        raise PruningError(f"--sparsity {sparsity} contradicts --structure {structure}, which prunes {n}/{m}; "
-                           "drop --sparsity for N:M, or give --structure 0:0 for unstructured")  # fmt: skip
-    if sparsity is None:
-        if not n:
-            raise PruningError("--sparsity is required for unstructured search (--structure 0:0)")
-        sparsity = n / m
-    if not 0 < sparsity < 1:
-        raise PruningError(f"--sparsity must lie strictly between 0 and 1, got {sparsity}")
+    check_name_patterns(ignore, "--ignore")  # before the model loads
     scope = scope or default_scope(structure)
     ignore = search_ignore(ignore)
     fixed = {**fixed_part(crepe_defaults(structure)), **(fixed or {})}
-    out = Path(out_dir) if out_dir else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.storage is None:
-            cfg = cfg.model_copy(update={"storage": f"sqlite:///{(out / 'pho.db').resolve()}"})
-    mdl, _tok, batches = load_session(model, calib, num_samples, seqlen, seed)
-    meta = stats_meta(model, calib, num_samples, seqlen, seed, cfg.layers, ignore)
-    ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope, ignore)
+    out, created, cfg = _open_folder(out_dir, model, calib, cfg)
+    try:  # a search that fails before its first trial leaves no folder it created
+        mdl, _tok, batches = load_session(model, calib, num_samples, seqlen, seed)
+        meta = stats_meta(model, calib, num_samples, seqlen, seed, cfg.layers, ignore)
+        ev, info = build_evaluator(mdl, batches, out, structure, sparsity, cfg, meta, scope, ignore)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     t0 = time.perf_counter()
     result = run_search(ev, cfg, fixed, identity=meta)
     result.update(info, search_seconds=time.perf_counter() - t0, structure=structure, sparsity=sparsity,

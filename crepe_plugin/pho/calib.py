@@ -15,8 +15,9 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from ..core.layers import decoder_layer
+from ..core.layers import check_name_patterns, decoder_layer
 from ..core.stats import CalibStats, gather_stats
+from ..compat.compressed_tensors import is_match
 from ..selection import DEFAULT_IGNORE, PRUNABLE, select_layers
 
 __all__ = ["target_modules", "sample_layer_names", "statistics_pass", "STATS_FILE"]
@@ -26,7 +27,15 @@ STATS_FILE = "calib_stats.safetensors"
 
 def target_modules(model: torch.nn.Module, ignore: Iterable[str] = DEFAULT_IGNORE) -> dict[str, torch.nn.Module]:
     """The layers the pruner prunes with its default ``targets`` and this ``ignore`` list
-    (``crepe_plugin.selection``, the one layer predicate), in model order."""
+    (``crepe_plugin.selection``, the one layer predicate), in model order. A bad 're:' entry is
+    one error; an entry that matches no layer of the model warns."""
+    ignore = list(ignore)
+    check_name_patterns(ignore, "--ignore")
+    layers = select_layers(model, PRUNABLE, ())
+    unused = [e for e in ignore if e not in DEFAULT_IGNORE and not any(is_match(n, m, [e]) for n, m in layers.items())]
+    if unused:
+        logger.warning(f"--ignore {' '.join(repr(e) for e in unused)} matches no layer of the model; "
+                       "check the spelling (a layer name, a class name, or 're:' and a regex matched from the start)")  # fmt: skip
     return select_layers(model, PRUNABLE, ignore)
 
 

@@ -242,7 +242,8 @@ def run_search(
     """
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is re-raised to the caller anyway, and its WARNING would print a traceback (Ctrl-C included)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     fixed = dict(fixed or {})
     name = cfg.study_name or default_study_name(evaluator.structure, evaluator.sparsity, cfg.proxy)
     study = _open_study(name, evaluator, cfg, fixed, identity)
@@ -320,19 +321,21 @@ def _run_trials(study, name: str, cfg: SearchConfig, objective, progress: bool) 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.trials, initial=min(len(_finished(study)), cfg.trials), desc=f"PHO ({cfg.proxy})", disable=not progress)
-    while (done := len(_finished(study))) < cfg.trials:
-        others = len(study.get_trials(deepcopy=False)) - done
-        if others > max(20, cfg.trials):
-            raise PruningError(
-                f"PHO study '{name}': {others} trials failed or were pruned (non-finite proxy or invalid point) "
-                f"and only {done} completed; check the bounds and the calibration data"
-            )
-        if cfg.sampler_name == "hillclimb" and not _waiting(study):  # one proposal at a time, from all results so far
-            study.enqueue_trial(_hillclimb_params(study, cfg.bounds, cfg.seed))
-        study.optimize(objective, n_trials=1)
-        bar.n = min(len(_finished(study)), cfg.trials)
-        bar.refresh()
-    bar.close()
+    try:  # closed before an error or Ctrl-C reaches the caller, so its last refresh comes first
+        while (done := len(_finished(study))) < cfg.trials:
+            others = len(study.get_trials(deepcopy=False)) - done
+            if others > max(20, cfg.trials):
+                raise PruningError(
+                    f"PHO study '{name}': {others} trials failed or were pruned (non-finite proxy or invalid point) "
+                    f"and only {done} completed; check the bounds and the calibration data"
+                )
+            if cfg.sampler_name == "hillclimb" and not _waiting(study):  # one proposal at a time, from all results so far
+                study.enqueue_trial(_hillclimb_params(study, cfg.bounds, cfg.seed))
+            study.optimize(objective, n_trials=1)
+            bar.n = min(len(_finished(study)), cfg.trials)
+            bar.refresh()
+    finally:
+        bar.close()
 
 
 def _result(study, name: str, cfg: SearchConfig, fixed: dict[str, Any]) -> dict[str, Any]:

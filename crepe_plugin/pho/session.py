@@ -47,7 +47,10 @@ def load_session(model: str, calib: str, num_samples: int, seqlen: int, seed: in
     from ..data import calibration_dataset
     from ..pipeline import resolve_model
 
+    from ..models import check_model
+
     path = resolve_model(model)
+    check_model(path)
     tok = AutoTokenizer.from_pretrained(path)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     limit = getattr(m.config, "max_position_embeddings", None)
@@ -109,6 +112,8 @@ def build_evaluator(
 
 def search_settings(out: Path) -> dict:
     """The settings a finished search stored in its best_*.json (model, calibration, seed...)."""
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out}: no such directory; give the --out folder of a `crepe search`")
     found = sorted(out.glob("best_*.json"))
     if not found:
         raise FileNotFoundError(f"{out} holds no search result (best_*.json); run `crepe search ... --out {out}` first")
