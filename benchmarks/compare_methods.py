@@ -94,18 +94,22 @@ def run_one(a) -> dict:
     row = {"method": a.method, "structure": a.structure, "ppl": ppl, "seconds": seconds, "peak_rss_mb": peak_mb,
            "num_samples": a.num_samples, "seqlen": a.seqlen, "model": a.model, "calib": a.calib, "eval": a.eval,
            "zero_share": zeros / total, "zero_share_of_linear": zeros / sum(w.numel() for w in linear)}  # fmt: skip
-    if a.val:
-        row["val"] = a.val
-        row["val_ppl"] = perplexity(model, tok, read_text(a.val), a.eval_seqlen, a.max_segments, progress=False)
+    for v in a.val or []:  # validation texts: {text: perplexity}
+        row.setdefault("val_ppl", {})[v] = perplexity(model, tok, read_text(v), a.eval_seqlen, a.val_segments or a.max_segments,
+                                                      progress=False)  # fmt: skip
     return row
 
 
 def table(results: Path) -> str:
     rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()]
-    out = ["| method | structure | perplexity | prune wall s | peak RSS MB |", "| --- | --- | --- | --- | --- |"]
+    texts = list(dict.fromkeys(v for r in rows if isinstance(r.get("val_ppl"), dict) for v in r["val_ppl"]))
+    out = ["| method | structure | perplexity | prune wall s | peak RSS MB |" + "".join(f" val {Path(v).name} |" for v in texts),
+           "| --- | --- | --- | --- | --- |" + " --- |" * len(texts)]  # fmt: skip
     for r in rows:
         s = {"0:0": "50% unstructured", "-": "-"}.get(r["structure"], r["structure"])
-        out.append(f"| {r['method']} | {s} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+        vals = r.get("val_ppl") if isinstance(r.get("val_ppl"), dict) else {}
+        cells = "".join(f" {vals[v]:.2f} |" if v in vals else " - |" for v in texts)
+        out.append(f"| {r['method']} | {s} | {r['ppl']:.2f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |{cells}")
     by = {(r["method"], r["structure"]): r for r in rows}
     for st, name in (("2:4", "2:4"), ("0:0", "50% unstructured")):
         if ("wanda", st) in by and ("crepe", st) in by:
@@ -115,6 +119,12 @@ def table(results: Path) -> str:
         if ("best", st) in by and ("sparsegpt", st) in by:
             b, g = by[("best", st)], by[("sparsegpt", st)]
             out.append(f"{name}: best recipe / SparseGPT = {b['ppl'] / g['ppl']:.3f}; time / SparseGPT = {b['seconds'] / g['seconds']:.2f}")
+    dense = by.get(("dense", "-"))
+    for st in ("2:4", "4:8", "0:0"):
+        ref = by.get(("sparsegpt", st))
+        if dense and ref and ref["ppl"] > dense["ppl"]:
+            gaps = [f"{m} {(r['ppl'] - dense['ppl']) / (ref['ppl'] - dense['ppl']):.2f}" for (m, s), r in by.items() if s == st and m != "sparsegpt"]
+            out.append(f"{st}: gap to dense / SparseGPT's gap: " + ", ".join(gaps))
     return "\n".join(out)
 
 
@@ -127,7 +137,9 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--max-segments", type=int, default=16)
-    ap.add_argument("--val", default=None, help="also record perplexity on this validation text")
+    ap.add_argument("--val", action="append", default=None,
+                    help="also record perplexity on this validation text (repeat for several)")
+    ap.add_argument("--val-segments", type=int, default=None, help="segments of each --val text (default --max-segments)")
     ap.add_argument("--results", default="benchmarks/results/compare_methods.jsonl")
     ap.add_argument("--only", default=None, help="comma list of method:structure, e.g. ria:2:4,wanda:0:0")
     ap.add_argument("--table-only", action="store_true")
@@ -146,9 +158,11 @@ def main():
                      for x in a.only.split(",")]  # fmt: skip
         for method, structure in order:
             cmd = [sys.executable, __file__, "--method", method, "--structure", structure]
-            for k in ("model", "calib", "eval", "num_samples", "seqlen", "eval_seqlen", "max_segments", "val"):
+            for k in ("model", "calib", "eval", "num_samples", "seqlen", "eval_seqlen", "max_segments", "val_segments"):
                 if getattr(a, k) is not None:
                     cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+            for v in a.val or []:
+                cmd += ["--val", v]
             print(f"== {method} {structure}", flush=True)
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)

@@ -29,6 +29,8 @@ SparseGPTModifier = _get("llmcompressor.modifiers.pruning.sparsegpt", "SparseGPT
 SparsityModifierBase = _get("llmcompressor.modifiers.pruning.sparsegpt.sgpt_base", "SparsityModifierBase")
 _active_session = _get("llmcompressor.core", "active_session")
 _infer_sequential_targets = _get("llmcompressor.utils.pytorch.module", "infer_sequential_targets")
+# the switch that silences every modifier's calibration hooks (the pipeline's propagation pass uses it)
+HooksMixin = _get("llmcompressor.modifiers.utils.hooks", "HooksMixin")
 # MoE: llm-compressor linearizes fused experts for calibration; repacking restores the fused module
 _get_linearized_moes = _get("llmcompressor.modeling.moe.linearize", "get_linearized_moes")
 _repack_moe = _get("llmcompressor.modeling.moe.linearize", "repack_moe")
@@ -112,3 +114,9 @@ def repack_experts(model: torch.nn.Module) -> list[str]:
     if names:
         _repack_moe(model)
     return names
+
+
+def disable_hooks():
+    """A context in which no modifier's calibration hooks run (``HooksMixin.disable_hooks``), for
+    forward passes a modifier runs itself at the end of a sequential epoch."""
+    return HooksMixin.disable_hooks()

@@ -6,8 +6,9 @@
   statistics accumulator (``new_stats``); at the end of each sequential epoch (one decoder
   layer, in llm-compressor's sequential pipeline) and at the end of calibration, every layer
   that has statistics is handed to ``process_layer`` once, and its statistics are freed, so
-  memory stays at one decoder layer; ``after_layers`` then sees the layers of that epoch
-  together (a hook for work on a whole decoder layer; nothing by default);
+  memory stays at one decoder layer; ``before_layers`` and ``after_layers`` see the layers of
+  that epoch together, before and after (hooks for work on a whole decoder layer, such as the
+  dense teacher's pass and local reconstruction; nothing by default);
 - the recipe around it (``pruners_before`` / ``pruners_after``, as ``Pruner`` contracts: our
   pruners and llm-compressor's);
 - the checkpoint record (``update_record``) and offload-aware weight write-back
@@ -111,6 +112,10 @@ class LayerwiseModifier(Modifier):
         """Apply the method to one calibrated layer."""
         raise NotImplementedError
 
+    def before_layers(self, layers: dict[str, torch.nn.Module]) -> None:
+        """Called with the layers calibrated together (one decoder layer's, in the sequential
+        pipeline) before any of them goes through ``process_layer``; ``layers``: {name: module}."""
+
     def after_layers(self, layers: dict[str, torch.nn.Module]) -> None:
         """Called once the layers calibrated together (one decoder layer's, in the sequential
         pipeline) have all been through ``process_layer``; ``layers``: {name: module}."""
@@ -134,12 +139,13 @@ class LayerwiseModifier(Modifier):
         self._process_calibrated()
 
     def _process_calibrated(self) -> None:
-        done = {}
+        layers = {self._layers[module]: module for module in self._stats}
+        if not layers:
+            return
+        self.before_layers(layers)
         for module in list(self._stats):
-            done[self._layers[module]] = module
             self.process_layer(module, self._layers[module], self._stats.pop(module))
-        if done:
-            self.after_layers(done)
+        self.after_layers(layers)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if not self.ended_:

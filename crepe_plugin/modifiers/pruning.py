@@ -19,8 +19,8 @@ from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from ..checkpoint.record import merge_record, new_record
-from ..compat.compressed_tensors import align_module_device, get_execution_device
-from ..compat.llmcompressor import State
+from ..compat.compressed_tensors import align_module_device, get_execution_device, match_named_modules, suspend_offloading
+from ..compat.llmcompressor import State, disable_hooks, sequential_layer_targets
 from ..core import (
     RIA_CONFIG,
     CRePEConfig,
@@ -38,9 +38,11 @@ from ..core import (
     weight_out_in,
 )
 from ..core.config import Border, Coef, KernelName, KernelSize, NeighborMap
+from ..core.local import LocalReconstruction
 from ..core.prune import BlockSize, DampeningFrac, MaskSelection, RefineSteps, Scope
 from ..pho.config import SearchConfig
 from .base import Pruner, PruningModifier
+from .teacher import TeacherStream, dense_pass, layer_blocks, reconstruct_layer
 
 __all__ = ["CRePEPruningModifier", "RIAPruningModifier"]
 
@@ -94,6 +96,14 @@ class CRePEPruningModifier(PruningModifier):
     :param block_size: columns per block of the reconstruction.
     :param refine_steps: conjugate-gradient steps after OBS towards the exact fixed-mask
         least-squares optimum (0 = OBS only). One (out x in) @ (in x in) matmul per step.
+    :param local_reconstruction: a block (epochs, lr, batch_size, granularity, loss,
+        mask_moves, teacher_dtype; ``core.local.LocalReconstruction``). When given, the modifier
+        keeps the dense model's activations beside the pipeline's (a dense teacher stream), and
+        once a decoder layer's Linears are masked (and, with ``reconstruct``, compensated) it
+        fits their kept weights by Adam so that the layer's output on the pruned model's inputs
+        matches the dense layer's output on the dense inputs. Masks stay fixed (unless
+        ``mask_moves``) and pruned weights stay exactly zero. Needs llm-compressor's sequential
+        pipeline (one decoder layer per subgraph). See docs/method.md, "Local reconstruction".
     :param search: a PHO block (proxy, trials, storage, bounds, layers, seed...). When
         given, PHO searches row_coef, col_coef, neighbor_coef, kernel_size and
         act_exponent on this oneshot's calibration data before any layer is pruned (one
@@ -118,12 +128,22 @@ class CRePEPruningModifier(PruningModifier):
     block_size: BlockSize = 128
     refine_steps: RefineSteps = 20
     search: SearchConfig | None = None
+    local_reconstruction: LocalReconstruction | None = None
 
     method_name: ClassVar[str] = "crepe"
 
     _prune: PruneConfig | None = PrivateAttr(None)
     _pruned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
     _search_result: dict[str, Any] | None = PrivateAttr(default=None)
+    # local reconstruction: the teacher stream, each pruned Linear's decoder layer, and per epoch
+    # the kept positions, the dense layer's outputs and its blocks' teacher targets
+    _teacher: TeacherStream | None = PrivateAttr(None)
+    _decoder_of: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(default_factory=dict)
+    _decoder_names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
+    _keep: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _col_scale: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _dense_weights: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
+    _epoch: tuple | None = PrivateAttr(None)
 
     # ---------------------------------------------------------------- the one resolved configuration
     @classmethod
@@ -147,6 +167,8 @@ class CRePEPruningModifier(PruningModifier):
         refuses a degenerate score, row_coef = col_coef = 0, at parse time)."""
         if self.mask_selection == "adaptive" and not self.reconstruct:
             raise ValueError("mask_selection 'adaptive' chooses the mask during reconstruction; set reconstruct: true")
+        if self.local_reconstruction is not None and self.local_reconstruction.mask_moves and not self.structure[0]:
+            raise ValueError("local_reconstruction.mask_moves re-chooses N:M groups; it needs an N:M mask_structure")
         base, scope = self.structure_defaults(self.structure)
         recon = None
         if self.reconstruct:
@@ -180,7 +202,8 @@ class CRePEPruningModifier(PruningModifier):
     def contract(self) -> Pruner:
         label = type(self).__name__ + (" with reconstruct" if self.reconstruct else "")
         score = None if self.search is not None else self.crepe_config
-        return Pruner(self, label, self.structure, self.sparsity, score, keeps_dense_values=not self.reconstruct)
+        dense = not self.reconstruct and self.local_reconstruction is None
+        return Pruner(self, label, self.structure, self.sparsity, score, keeps_dense_values=dense)
 
     # ---------------------------------------------------------------- lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
@@ -196,6 +219,8 @@ class CRePEPruningModifier(PruningModifier):
         self._sparsities = {mod: sparsities[name] for name, mod in modules.items()}
         if self.search is not None:
             self._run_search(state, modules, {name: sparsities[name] for name in modules})
+        if self.local_reconstruction is not None:
+            self._set_up_teacher(state.model, kwargs.get("sequential_targets"))
         what = self.mask_structure if n else f"{self._prune.scope} unstructured"
         logger.info(f"{type(self).__name__}: {len(self._layers)} layers to prune ({what}), config {self.crepe_config}")
         return True
@@ -222,6 +247,75 @@ class CRePEPruningModifier(PruningModifier):
         self._search_result = {k: res[k] for k in ("proxy", "sampler", "trials", "value", "params", "study_name")}
         logger.info(f"{type(self).__name__}: PHO chose {res['params']} ({res['proxy']} {res['value']:.6g})")
 
+    # ---------------------------------------------------------------- local reconstruction
+    def _set_up_teacher(self, model: torch.nn.Module, sequential_targets) -> None:
+        """Find the decoder layer of every pruned Linear; the teacher stream starts empty."""
+        targets = sequential_layer_targets(model, sequential_targets)
+        for name, layer in match_named_modules(model, targets):
+            inside = [m for m in layer.modules() if m in self._layers]
+            for m in inside:
+                self._decoder_of[m] = layer
+            if inside:
+                self._decoder_names[layer] = name
+        outside = [name for m, name in self._layers.items() if m not in self._decoder_of]
+        if outside:
+            raise PruningError(
+                f"{type(self).__name__}: local_reconstruction fits one decoder layer ({targets}) at a time, and "
+                f"layer '{outside[0]}' is in none; leave it out with `ignore`"
+            )
+        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[self.local_reconstruction.teacher_dtype]
+        self._teacher = TeacherStream(dtype)
+
+    def on_calibration_start(self, state: State, event, **kwargs):
+        super().on_calibration_start(state, event, **kwargs)
+        if self._teacher is not None:  # what the pipeline feeds each decoder layer: the sparse stream
+            for layer in self._decoder_names:
+                self.register_hook(layer, self._teacher.capture, "forward_pre", with_kwargs=True)
+
+    def _epoch_layer(self, layers: dict[str, torch.nn.Module]) -> torch.nn.Module:
+        decs = {self._decoder_of[m] for m in layers.values()}
+        if len(decs) != 1 or self._teacher.layer not in decs:
+            raise PruningError(
+                f"{type(self).__name__}: local_reconstruction needs llm-compressor's sequential pipeline with one "
+                f"decoder layer per subgraph; {len(decs)} decoder layers were calibrated together"
+                + ("" if self._teacher.layer in decs else " (the teacher saw none of them)")
+            )
+        return decs.pop()
+
+    def before_layers(self, layers: dict[str, torch.nn.Module]) -> None:
+        """Local reconstruction: the dense layer's pass over the dense stream (its outputs are the
+        next layer's dense inputs; its blocks' outputs are the teacher's targets)."""
+        if self._teacher is None:
+            return
+        layer = self._epoch_layer(layers)
+        cfg = self.local_reconstruction
+        blocks = layer_blocks(layer, set(layers.values()), cfg.granularity)
+        with torch.no_grad(), disable_hooks():
+            out, targets = dense_pass(layer, self._teacher.calls, self._teacher.dense_inputs(), blocks, self._teacher.store)
+        self._epoch = (layer, out, targets)
+        if cfg.mask_moves:
+            self._dense_weights = {m: weight_out_in(m).detach().clone() for m in layers.values()}
+
+    def after_layers(self, layers: dict[str, torch.nn.Module]) -> None:
+        """Local reconstruction of the layer whose Linears were just pruned; then the teacher
+        stream moves on to the next layer."""
+        if self._teacher is None:
+            return
+        layer, out, targets = self._epoch
+        cfg = self.local_reconstruction
+        keep = {m: self._keep.pop(m) for m in layers.values() if m in self._keep}
+        if keep:
+            # no calibration hook may see the fit's passes; the layer's parameters are plain tensors meanwhile
+            with torch.enable_grad(), disable_hooks(), suspend_offloading(layer):
+                reconstruct_layer(
+                    layer, self._teacher, targets, keep, self.write_weight, granularity=cfg.granularity,
+                    epochs=cfg.epochs, lr=cfg.lr, accumulate=cfg.batch_size, per_token=cfg.loss == "token",
+                    mask_moves=cfg.mask_moves, nm=self.structure, dense_weights=self._dense_weights,
+                    col_scale=self._col_scale, seed=cfg.seed, layer_name=self._decoder_names[layer],
+                )  # fmt: skip
+        self._teacher.advance(out)
+        self._epoch, self._dense_weights, self._col_scale = None, {}, {}
+
     def new_stats(self, module: torch.nn.Module) -> InputNormStats | HessianStats:
         cls = HessianStats if self.reconstruct else InputNormStats
         return cls(weight_out_in(module).shape[1], device=get_execution_device(module))
@@ -241,6 +335,10 @@ class CRePEPruningModifier(PruningModifier):
         with torch.no_grad(), align_module_device(module):
             pruned, mask = prune_layer(weight_out_in(module).detach(), stats, config, self._sparsities[module], layer_name=name)
             self.write_weight(module, pruned)
+        if self._epoch is not None and module in self._decoder_of:  # fitted in after_layers
+            self._keep[module] = ~mask
+            if stats.input_sq_norm is not None:
+                self._col_scale[module] = stats.input_sq_norm.sqrt()
         density = 1.0 - float(mask.float().mean())
         self._pruned[name] = {
             "structure": self.mask_structure,
@@ -278,6 +376,7 @@ class CRePEPruningModifier(PruningModifier):
             "scope": p.scope,
             "reconstruct": p.reconstruction is not None,
             **(p.reconstruction.model_dump() if p.reconstruction is not None else {}),
+            **({"local_reconstruction": self.local_reconstruction.model_dump()} if self.local_reconstruction else {}),
             **({"search": self._search_result} if self._search_result else {}),
         }
 

@@ -1,0 +1,203 @@
+"""Local reconstruction against a dense teacher stream (issue 22): the fit lowers the block's error
+against the dense teacher, masks stay fixed (or stay exactly N:M when they move), the teacher
+stream is the dense model's own forward pass, and quantization stages after it keep 2:4."""
+
+import copy
+
+import pytest
+import torch
+
+import crepe_plugin  # noqa: F401
+from crepe_plugin.checkpoint.verify import verify_checkpoint
+from crepe_plugin.core import is_nm, nm_mask
+from crepe_plugin.core.local import LocalReconstruction, fit_block, nm_keep_from_scores
+from crepe_plugin.testing import save_tiny_llama, tiny_tokenizer
+
+from .conftest import calib_dataset
+
+pytest.importorskip("llmcompressor")
+from llmcompressor import oneshot  # noqa: E402
+
+LOCAL = "      local_reconstruction:\n        epochs: {epochs}\n        lr: {lr}\n        mask_moves: {moves}\n"
+
+
+def _recipe(epochs=2, lr=1e-3, moves=False, extra=""):
+    return ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n      mask_structure: '2:4'\n"
+            + LOCAL.format(epochs=epochs, lr=lr, moves=str(moves).lower()) + extra)  # fmt: skip
+
+
+def _linear_problem(seed=0, rows=16, cols=32, batches=6, tokens=24):
+    """A 2:4-masked linear block whose inputs (the sparse stream) differ from the dense stream's."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    dense_x = [torch.randn(tokens, cols, generator=g) for _ in range(batches)]
+    sparse_x = [x + 0.3 * torch.randn(x.shape, generator=g) for x in dense_x]
+    targets = [x @ w.T for x in dense_x]  # the dense block's output on the dense stream
+    keep = ~nm_mask(w.abs(), 2, 4)
+    pruned = w * keep
+
+    def forward(params, b):
+        return sparse_x[b] @ params["w"].T
+
+    return w, pruned, keep, targets, forward
+
+
+def test_fit_lowers_the_error_against_the_dense_teacher_and_keeps_the_mask():
+    w, pruned, keep, targets, forward = _linear_problem()
+    fit = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=20, lr=1e-2)
+    # the optimum of the fixed mask, row by row: least squares over each row's kept inputs
+    x = torch.cat([forward({"w": torch.eye(w.shape[1])}, b) for b in range(len(targets))])  # the sparse stream
+    y = torch.cat(targets)
+    cols = keep.nonzero()[:, 1].reshape(w.shape[0], -1)
+    sol = torch.linalg.lstsq(x[:, cols].permute(1, 0, 2), y.T.unsqueeze(-1)).solution.squeeze(-1)
+    best = torch.zeros_like(w).scatter_(1, cols, sol)
+    optimum = float(((x @ best.T - y) ** 2).mean())
+    assert optimum < fit.loss_after < fit.loss_before
+    assert fit.loss_after - optimum < 0.2 * (fit.loss_before - optimum)  # most of the way to the optimum
+    out = fit.weights["w"]
+    assert torch.equal(out != 0, keep)  # the same positions are kept
+    assert torch.equal(fit.keep["w"], keep) and fit.mask_changes == 0
+    assert is_nm(out, 2, 4)
+    assert not torch.equal(out, pruned)  # the kept weights moved
+
+
+def test_mask_moves_stay_exactly_n_of_m_and_do_move():
+    """Started from a bad mask (each group keeps its two smallest weights), moves re-choose groups."""
+    w, _, _, targets, forward = _linear_problem(seed=1)
+    bad_keep = ~nm_mask(-w.abs(), 2, 4)
+    fit = fit_block(forward, {"w": w * bad_keep}, {"w": bad_keep}, targets, epochs=4, lr=1e-2, mask_moves=True,
+                    nm=(2, 4), shadow={"w": w}, col_scale={"w": torch.ones(w.shape[1])})  # fmt: skip
+    out, kept = fit.weights["w"], fit.keep["w"]
+    assert is_nm(out, 2, 4) and torch.all(out[~kept] == 0)
+    assert torch.equal(kept.reshape(-1, 4).sum(-1), torch.full((kept.numel() // 4,), 2))
+    assert fit.mask_changes > 0 and not torch.equal(kept, bad_keep)
+    assert fit.loss_after < fit.loss_before
+
+
+def test_nm_keep_from_scores_keeps_the_top_of_each_group():
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 9.0, 8.0, 7.0]])
+    assert nm_keep_from_scores(s, 2, 4).tolist() == [[True, False, True, False, False, True, True, False]]
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError):
+        LocalReconstruction(epochs=0)
+    with pytest.raises(ValueError):
+        LocalReconstruction(granularity="head")
+    with pytest.raises(ValueError):
+        LocalReconstruction(lr=0.0)
+
+
+def _run(model, recipe, out=None):
+    return oneshot(model=model, tokenizer=tiny_tokenizer(), dataset=calib_dataset(8), recipe=recipe,
+                   num_calibration_samples=8, max_seq_length=64, output_dir=str(out) if out else None)  # fmt: skip
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def test_teacher_stream_equals_a_plain_dense_forward(monkeypatch, tmp_path):
+    """The dense activations the teacher hands each layer are the dense model's own hidden states."""
+    from crepe_plugin.modifiers.teacher import TeacherStream
+
+    model = _load(save_tiny_llama(tmp_path / "m", layers=3, seed=3))
+    dense = copy.deepcopy(model)
+    seen, first = [], []
+    orig_advance, orig_capture = TeacherStream.advance, TeacherStream.capture
+
+    def advance(self, outputs):
+        seen.append([o.clone() for o in outputs])
+        orig_advance(self, outputs)
+
+    def capture(self, layer, args, kwargs):
+        orig_capture(self, layer, args, kwargs)
+        if len(seen) == 0:
+            first.append(self.calls[-1])
+
+    monkeypatch.setattr(TeacherStream, "advance", advance)
+    monkeypatch.setattr(TeacherStream, "capture", capture)
+    _run(model, _recipe(epochs=1))
+    assert len(seen) == 3 and len(first) == 8
+    with torch.no_grad():
+        for b, call in enumerate(first):
+            h = call.hidden
+            for i, layer in enumerate(dense.model.layers):
+                out = layer(h, *call.args, **call.kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+                torch.testing.assert_close(seen[i][b], h, rtol=1e-5, atol=1e-5)
+    # and the pruned model's layers differ from it (the sparse stream is not the teacher's)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, dense.model.layers[0].mlp.up_proj.weight)
+
+
+def _block_error(model, dense, ids):
+    """Each decoder layer's output error on the pruned model's inputs against the dense layer on dense inputs."""
+    hs = model(ids, output_hidden_states=True).hidden_states
+    hd = dense(ids, output_hidden_states=True).hidden_states
+    errs = []
+    for i, (ls, ld) in enumerate(zip(model.model.layers, dense.model.layers)):
+        pos = model.model.rotary_emb(hs[i], torch.arange(ids.shape[1])[None])
+        out_s = ls(hs[i], position_embeddings=pos, attention_mask=None)
+        out_d = ld(hd[i], position_embeddings=pos, attention_mask=None)
+        out_s, out_d = (o[0] if isinstance(o, tuple) else o for o in (out_s, out_d))
+        errs.append(float(((out_s - out_d) ** 2).mean()))
+    return errs
+
+
+def test_reconstruction_lowers_each_layers_error_and_keeps_the_masks(tmp_path, monkeypatch):
+    from crepe_plugin.modifiers import CRePEPruningModifier
+
+    base = _load(save_tiny_llama(tmp_path / "m", layers=2, seed=5))
+    dense = copy.deepcopy(base)
+    plain, local = copy.deepcopy(base), copy.deepcopy(base)
+    _run(plain, "sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n      mask_structure: '2:4'\n")
+    masks, before = {}, CRePEPruningModifier.after_layers
+
+    def after_layers(self, layers):  # the masks as the scores chose them, before the fit
+        masks.update({name: (m.weight == 0).clone() for name, m in layers.items()})
+        before(self, layers)
+
+    monkeypatch.setattr(CRePEPruningModifier, "after_layers", after_layers)
+    _run(local, _recipe(epochs=3, lr=1e-3))
+    ids = tiny_tokenizer()(calib_dataset(8)["text"][0], return_tensors="pt").input_ids[:, :64]
+    with torch.no_grad():
+        e_plain, e_local = _block_error(plain, dense, ids), _block_error(local, dense, ids)
+    assert all(l < p for l, p in zip(e_local, e_plain)), (e_local, e_plain)
+    fitted = {n: m for n, m in local.named_modules() if n in masks}
+    assert len(fitted) == 14
+    for n, m in fitted.items():
+        assert torch.equal(m.weight == 0, masks[n]), n  # masks unchanged by the fit (mask moves off)
+    # the first layer sees the same inputs in both runs: same mask, different kept values
+    q0 = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(plain.get_submodule(q0).weight == 0, masks[q0])
+    assert not torch.equal(plain.get_submodule(q0).weight, fitted[q0].weight)
+
+
+def test_mask_moves_in_a_recipe_give_exact_2of4(tmp_path):
+    model = save_tiny_llama(tmp_path / "m")
+    out = tmp_path / "o"
+    _run(str(model), _recipe(epochs=3, lr=1e-2, moves=True), out)
+    rep = verify_checkpoint(out)
+    assert rep.ok, rep.errors
+    assert all(l.nm_ok for l in rep.layers if l.recorded) and len([l for l in rep.layers if l.recorded]) == 14
+
+
+@pytest.mark.parametrize("scheme,fmt", [("FP8_DYNAMIC", "fp8"), ("W8A8", "int8")])
+def test_quantization_after_local_reconstruction_keeps_exact_2of4(tmp_path, scheme, fmt):
+    model = save_tiny_llama(tmp_path / "m", hidden=128, intermediate=256, heads=2, kv_heads=1)
+    q = f"q_stage:\n  q_modifiers:\n    QuantizationModifier:\n      scheme: {scheme}\n      targets: ['Linear']\n      ignore: ['lm_head']\n"
+    out = tmp_path / "o"
+    _run(str(model), _recipe(epochs=1).replace("sparsity_stage", "sparsity_stage", 1) + q, out)
+    rep = verify_checkpoint(out)
+    assert rep.ok, rep.errors
+    pruned = [l for l in rep.layers if l.recorded]
+    assert len(pruned) == 14 and all(l.nm_ok for l in pruned) and {l.fmt for l in pruned} == {fmt}
+
+
+def test_recipe_refuses_mask_moves_without_n_of_m():
+    from crepe_plugin.modifiers import CRePEPruningModifier
+
+    with pytest.raises(ValueError, match="mask_moves"):
+        CRePEPruningModifier(mask_structure="0:0", sparsity=0.5, local_reconstruction={"mask_moves": True})
