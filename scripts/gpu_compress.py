@@ -56,7 +56,7 @@ for _c, _v in enumerate((3, 5, 6, 9, 10, 12)):
     _LUT[_v] = _c
 
 SETTINGS = dict(num_samples=32, seqlen=256, seed=0, eval_seqlen=512, eval_segments=8)  # the CPU reference must finish on 2 shared cores
-TINY = dict(num_samples=4, seqlen=64, seed=0, eval_seqlen=64, eval_segments=4, layers=2)
+TINY = dict(num_samples=2, seqlen=32, seed=0, eval_seqlen=32, eval_segments=2, layers=1)
 
 
 # ------------------------------------------------------------------ mask coding (numpy only)
