@@ -133,18 +133,24 @@ def unpack_data(data: Path, work: Path) -> Path:
     return out.parent
 
 
-def prepare_model(gguf: Path, work: Path, layers: int | None) -> tuple[Path, int]:
-    """The float32 checkpoint rebuilt from the carried GGUF, optionally cut to fewer layers."""
+def prepare_model(gguf: Path, work: Path, layers: int | None, cache: Path | None = None) -> tuple[Path, int]:
+    """The float32 checkpoint rebuilt from the carried GGUF (once per ``cache`` dir and GGUF),
+    optionally cut to fewer layers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from crepe_plugin.models import rebuild_gguf
 
-    full = rebuild_gguf(gguf, work / "smollm2")
+    full = (cache or work) / "smollm2"
+    stamp, sha = full / ".gguf_sha256", sha256_file(gguf)
+    if not (stamp.is_file() and stamp.read_text() == sha):
+        rebuild_gguf(gguf, full)
+        stamp.write_text(sha)
     n = int(json.loads((full / "config.json").read_text())["num_hidden_layers"])
     if not layers or layers == n:
         return full, n
     out = work / f"smollm2-{layers}l"
+    work.mkdir(parents=True, exist_ok=True)
     m = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)
     m.model.layers = m.model.layers[:layers]
     m.config.num_hidden_layers = layers
@@ -431,12 +437,12 @@ def _log(msg: str) -> None:
     print(f"[gpu_compress {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def reference(carry: Path, work: Path, st: dict, out: Path, full_out: Path | None) -> dict:
+def reference(carry: Path, work: Path, st: dict, out: Path, full_out: Path | None, cache: Path | None = None) -> dict:
     import torch
 
     c = carried(carry)
     data = unpack_data(c["data"], work)
-    model_dir, layers = prepare_model(c["gguf"], work, st.get("layers"))
+    model_dir, layers = prepare_model(c["gguf"], work, st.get("layers"), cache)
     from transformers import AutoModelForCausalLM
 
     mhash = state_hash(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
@@ -449,7 +455,7 @@ def reference(carry: Path, work: Path, st: dict, out: Path, full_out: Path | Non
 
 
 def run(carry: Path, work: Path, ref_path: Path, json_out: Path, masks_out: Path | None, baselines: bool,
-        real_out: Path | None = None) -> dict:
+        real_out: Path | None = None, cache: Path | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -462,7 +468,7 @@ def run(carry: Path, work: Path, ref_path: Path, json_out: Path, masks_out: Path
     part["gguf_identical"] = sha == meta["gguf_sha256"]
     data = unpack_data(c["data"], work)
     t0 = time.perf_counter()
-    model_dir, _ = prepare_model(c["gguf"], work, st.get("layers"))
+    model_dir, _ = prepare_model(c["gguf"], work, st.get("layers"), cache)
     part["rebuild_s"] = round(time.perf_counter() - t0, 2)
     part["model_identical"] = state_hash(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)) == meta["model_hash"]
     which = OURS + (BASELINES if baselines else ())
@@ -549,13 +555,15 @@ def main():
         else:
             _log(f"warning: no carried reference at {ref_file} yet (scripts/gpu_prepare.sh reference); the GPU run needs it")
         tiny_ref = work / "tiny_ref.npz"
-        reference(carry, work / "ref", TINY, tiny_ref, None)
+        cache = work  # one rebuild of the carried GGUF for both passes
+        reference(carry, work / "ref", TINY, tiny_ref, None, cache)
         ref = tiny_ref
         work = work / "run"
     else:
-        ref = carried(carry)["ref"]
+        ref, cache = carried(carry)["ref"], None
     real = Path(a.real_2of4_out) if a.real_2of4_out else None
-    part = run(carry, work, ref, Path(a.json), Path(a.masks_out) if a.masks_out else None, baselines=True, real_out=real)
+    part = run(carry, work, ref, Path(a.json), Path(a.masks_out) if a.masks_out else None, baselines=True, real_out=real,
+               cache=cache)  # fmt: skip
     _log("done: " + json.dumps({k: part[k] for k in ("device", "gguf_identical", "model_identical", "calib_identical")}))
 
 
