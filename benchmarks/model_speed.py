@@ -9,7 +9,11 @@ load-time dispatch of ``crepe_plugin.vllm.dispatch`` unless --no-dispatch).
 - decode: one token per sequence at batch --decode-batch over a --context-token static KV cache,
   captured in a CUDA graph (as vLLM's decode), tokens/s;
 - weight memory of the linear layers (the sparse side: compressed 2:4 values + metadata, plus any
-  dense copy the dispatcher keeps for token counts where dense wins).
+  dense copy the dispatcher keeps for token counts where dense wins);
+- the load-time cost of the swap (compression, cuSPARSELt algorithm search and the dispatcher's
+  timings, in seconds) and the dispatcher's decision table per weight shape;
+- a check that the swap keeps the model's function: logits of one fixed batch before and after
+  (relative error, greedy agreement).
 
 Random weights, pruned 2:4 by magnitude (speed does not depend on which weights are kept).
 
@@ -152,33 +156,69 @@ def decode(model, batch: int, context: int, dev: str) -> float:
         return model(step, past_key_values=cache, cache_position=pos, use_cache=True)
 
     if dev != "cuda":
-        return batch / timed(one, dev)
+        return batch / timed(one, dev), "eager (CPU)"
     from sparse_linear_bench import time_graph  # CUDA-graph replay timing, as the layer benchmark
 
-    return batch / (time_graph(one, reps=1) / 1e6)
+    try:
+        return batch / (time_graph(one, reps=1) / 1e6), "cuda graph"
+    except RuntimeError as e:  # a capture that fails: time the step eagerly, and say so
+        print(f"decode batch {batch}: CUDA graph capture failed ({' '.join(str(e).split())[:200]}); timed eagerly", flush=True)
+        torch.cuda.synchronize()
+        return batch / timed(one, dev), f"eager (graph capture failed: {' '.join(str(e).split())[:120]})"
+
+
+@torch.no_grad()
+def probe_logits(model, dev: str) -> torch.Tensor:
+    """Logits of one fixed batch (2 x 64 tokens), for the before/after check of the swap."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=g).to(dev)
+    return model(ids, use_cache=False).logits.float()
+
+
+def swap_check(before: torch.Tensor, after: torch.Tensor) -> dict:
+    rel = float((after - before).norm() / before.norm().clamp_min(1e-12))
+    agree = float((after.argmax(-1) == before.argmax(-1)).float().mean())
+    return {"logits_rel_err": rel, "greedy_agreement": agree, "ok": rel < 5e-2 and agree > 0.9}
+
+
+def dispatch_state() -> dict:
+    """The process dispatcher's decisions so far (shape -> table and buckets) and seconds spent."""
+    from crepe_plugin.vllm import sparse
+
+    d = sparse._DISPATCHER
+    if d is None:
+        return {"enabled": os.environ.get("CREPE_SPARSE_DISPATCH", "1") != "0", "spent_s": 0.0, "decisions": {}}
+    return {"enabled": True, "spent_s": d.spent_s, "budget_s": d.budget_s, "margin": d.margin,
+            "decisions": {str(k): {"table": v.table(), "buckets": [b.__dict__ for b in v.buckets]} for k, v in d.decisions.items()}}  # fmt: skip
 
 
 def measure(model, a, dev: str, label: str) -> dict:
-    res = {"variant": label, "weight_bytes": linear_bytes(model), "prefill": {}, "decode": {}}
+    """Tokens/s per configuration; one that fails (out of memory, or anything else) is None, with
+    its error in ``errors``, and the others still run."""
+    res = {"variant": label, "weight_bytes": linear_bytes(model), "prefill": {}, "decode": {}, "decode_mode": {}, "errors": {}}
+
+    def attempt(kind: str, key: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - recorded per configuration
+            res["errors"][f"{kind} {key}"] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            print(f"{label} {kind} {key}: {res['errors'][f'{kind} {key}']}", flush=True)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
     for b in a.prefill_batch:
         for p in a.prompts:
-            try:
-                res["prefill"][f"{b}x{p}"] = prefill(model, b, p, dev)
-            except torch.OutOfMemoryError:
-                res["prefill"][f"{b}x{p}"] = None
-                torch.cuda.empty_cache()
+            res["prefill"][f"{b}x{p}"] = attempt("prefill", f"{b}x{p}", lambda: prefill(model, b, p, dev))
     for b in a.decode_batch:
-        try:
-            res["decode"][str(b)] = decode(model, b, a.context, dev)
-        except torch.OutOfMemoryError:
-            res["decode"][str(b)] = None
-            torch.cuda.empty_cache()
+        got = attempt("decode", str(b), lambda: decode(model, b, a.context, dev))
+        res["decode"][str(b)], res["decode_mode"][str(b)] = got if got else (None, None)
     print(json.dumps(res), flush=True)
     return res
 
 
 def ratio(s, d):
-    return f"{s / d:.2f}x" if s and d else "OOM"
+    return f"{s / d:.2f}x" if s and d else "failed"
 
 
 def table(fmt: str, dense: dict, sparse: dict, fell_back: dict) -> str:
@@ -225,16 +265,33 @@ def main():
                 print("fp8: skipped on CPU (torch._scaled_mm needs a GPU)")
                 continue
             to_fp8_dense(model)
+        before = probe_logits(model, dev)
         dense = measure(model, a, dev, f"{fmt} dense")
+        spent0 = dispatch_state()["spent_s"]
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         fell_back = to_sparse(model, fmt == "fp8")
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        load_s = time.perf_counter() - t0
+        check = swap_check(before, probe_logits(model, dev))
+        disp = dispatch_state()
+        print(f"{fmt}: swap to the sparse path took {load_s:.1f} s (dispatch timings {disp['spent_s'] - spent0:.1f} s); "
+              f"logits rel. err. {check['logits_rel_err']:.2e}, greedy agreement {check['greedy_agreement']:.3f}", flush=True)  # fmt: skip
+        for k, v in disp["decisions"].items():
+            print(f"dispatch {v['table']}", flush=True)
         sparse = measure(model, a, dev, f"{fmt} sparse")
-        results[fmt] = {"dense": dense, "sparse": sparse, "fell_back": fell_back}
+        results[fmt] = {"dense": dense, "sparse": sparse, "fell_back": fell_back, "load_s": load_s,
+                        "dispatch_s": disp["spent_s"] - spent0, "dispatch": disp, "check": check}  # fmt: skip
         print(table(fmt, dense, sparse, fell_back), flush=True)
+        if a.json:  # after each format, so a later failure keeps this one
+            Path(a.json).write_text(json.dumps({"device": where, "layers": a.layers, "results": results}, indent=2, default=str))
         del model
         if dev == "cuda":
             torch.cuda.empty_cache()
     if a.json:
-        Path(a.json).write_text(json.dumps({"device": where, "layers": a.layers, "results": results}, indent=2))
+        Path(a.json).write_text(json.dumps({"device": where, "layers": a.layers, "results": results}, indent=2, default=str))
 
 
 if __name__ == "__main__":

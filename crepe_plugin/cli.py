@@ -240,7 +240,8 @@ def _one_line(e: Exception) -> str:
 
 
 def _run(args) -> int:
-    _check_positive(args, "num_samples", "seqlen", "max_segments", "trials", "samples", "eval_segments", "max_tokens")
+    _check_positive(args, "num_samples", "seqlen", "max_segments", "trials", "samples", "eval_segments", "max_tokens",
+                    "tensor_parallel_size")  # fmt: skip
     return COMMANDS[args.cmd](args)
 
 

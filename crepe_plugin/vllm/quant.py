@@ -10,9 +10,12 @@ vLLM serves our checkpoints as dense models without this. With the plugin loaded
     ``quantization="crepe_sparse"``: vLLM asks override hooks only when a checkpoint has a
     quantization config, and our checkpoints must stay loadable by a vLLM without the plugin.
 * gives every targeted, unquantized Linear ``CRePESparseLinearMethod``: at load time the weight
-  is checked to be exactly 2:4 and compressed for cuSPARSELt (``crepe_plugin.vllm.sparse``);
+  (this rank's shard under tensor parallelism) is checked to be exactly 2:4 on every device
+  (``layer.crepe_shard_2of4``) and compressed for cuSPARSELt (``crepe_plugin.vllm.sparse``);
   anywhere that cannot run (CPU, GPUs older than sm80, dtypes or shapes the kernel does not
   take, a weight that is not 2:4) it stays on vLLM's dense kernel and one line says why.
+* under tensor parallelism, leaves unclaimed a row-parallel layer whose input split does not fall
+  on a multiple of 4 (``sparse.tp_shard_reason``): its shards cannot be 2:4; one line says so.
 * hands every other layer, and every quantized one, to compressed-tensors (or to vLLM's
   unquantized path) exactly as vLLM would without the plugin.
 
@@ -35,14 +38,15 @@ from ..compat.vllm import (
 )
 
 from ..checkpoint.record import RECORD_KEY
-from .sparse import apply_layer, prepare_layer
+from ..core.masks import is_nm
+from .sparse import apply_layer, prepare_layer, tp_shard_reason
 
 logger = init_logger("vllm.plugins.crepe_sparse")  # under "vllm": its handlers print it
 
 NAME = "crepe_sparse"
 SPARSE_STRUCTURE = "2:4"  # the only N:M pattern sparse tensor cores run
 
-__all__ = ["NAME", "CRePESparseConfig", "CRePESparseLinearMethod", "sparse_modules"]
+__all__ = ["NAME", "CRePESparseConfig", "CRePESparseLinearMethod", "sparse_modules", "claimed_shards"]
 
 
 def sparse_modules(record: Any) -> set[str]:
@@ -72,11 +76,14 @@ class CRePESparseLinearMethod(UnquantizedLinearMethod):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         reason = prepare_layer(layer)
+        # where the sparse kernel cannot run, prepare_layer may return before looking at the weight
+        # (left as loaded): check this layer's (this rank's shard's) pattern, so every device says the same
+        layer.crepe_shard_2of4 = reason is None or ("not 2:4" not in reason and is_nm(layer.weight.data, 2, 4))
         if reason is None:
             logger.info_once(f"{NAME}: 2:4 layers run on cuSPARSELt ({layer.weight.device}, weights compressed at load)")
             return
-        if "not 2:4" in reason:  # the record promised 2:4
-            logger.warning(f"{NAME}: {self.prefix}: {reason}")
+        if not layer.crepe_shard_2of4:  # the record promised 2:4
+            logger.warning(f"{NAME}: {self.prefix}: {reason if 'not 2:4' in reason else 'weight is not 2:4 in stored order (dense kernel)'}")
         else:  # the reason once, then one line per layer, so a user sees which layers the plugin claimed
             logger.info_once(f"{NAME}: 2:4 layers fall back to the dense path: {reason}")
             logger.info(f"{NAME}: 2:4 layer {self.prefix} on the dense path")
@@ -177,6 +184,10 @@ class CRePESparseConfig(QuantizationConfig):
         method = self.inner.get_quant_method(layer, prefix) if self.inner else UnquantizedLinearMethod()
         if not self._is_sparse(prefix):
             return method
+        split = tp_shard_reason(layer.input_size, getattr(layer, "input_size_per_partition", layer.input_size))
+        if split is not None:  # tensor parallelism cut the 2:4 groups: the shards are not 2:4
+            logger.warning(f"{NAME}: 2:4 layer {prefix} left to the dense path: {split}")
+            return method
         if type(method) is UnquantizedLinearMethod:
             return CRePESparseLinearMethod(prefix)
         logger.info_once(
@@ -184,3 +195,17 @@ class CRePESparseConfig(QuantizationConfig):
             "(the sparse FP8/INT8 kernels are not wired into its schemes yet)"
         )
         return method
+
+
+def claimed_shards(model) -> list[dict]:
+    """In a vLLM worker: each Linear the crepe_sparse plugin claimed, with this rank's shard
+    shape and whether the shard is 2:4 (checked at load), and each Linear it left alone."""
+    out = []
+    for name, m in model.named_modules():
+        qm = getattr(m, "quant_method", None)
+        if qm is None or not hasattr(m, "input_size"):
+            continue
+        out.append({"layer": name, "claimed": isinstance(qm, CRePESparseLinearMethod), "tp_rank": getattr(m, "tp_rank", 0),
+                    "inputs": int(getattr(m, "input_size_per_partition", m.input_size)), "input_size": int(m.input_size),
+                    "shard_2of4": getattr(m, "crepe_shard_2of4", None)})  # fmt: skip
+    return out

@@ -25,6 +25,7 @@ from ..core.masks import is_nm
 __all__ = [
     "SPARSE_DTYPES",
     "fallback_reason",
+    "tp_shard_reason",
     "compress",
     "sparse_linear",
     "search_algs",
@@ -73,6 +74,22 @@ def fallback_reason(weight: torch.Tensor) -> str | None:
     if not is_nm(w, 2, 4):
         return "weight is not 2:4 in stored order (dense kernel)"
     return None
+
+
+def tp_shard_reason(input_size: int, input_size_per_partition: int, m: int = 4) -> str | None:
+    """Why the tensor-parallel shards of an N:M (2:4) weight are not N:M themselves, or None.
+
+    vLLM's column-parallel layers (q/k/v, gate/up) split the outputs: every shard keeps whole rows,
+    so the N:M groups along the inputs are intact. Row-parallel layers (o, down) split the inputs
+    into equal slices of ``input_size_per_partition`` = input_size / tp_size; rank r holds inputs
+    [r w, (r + 1) w). Each slice holds whole groups of M consecutive inputs exactly when w is a
+    multiple of M. Otherwise a group straddles two ranks and neither shard is N:M in its own
+    grouping: such a layer must stay on the dense path (it computes the same product either way).
+    """
+    if input_size_per_partition >= input_size or input_size_per_partition % m == 0:
+        return None
+    return (f"tensor-parallel shards of {input_size_per_partition} of its {input_size} inputs are not a multiple "
+            f"of {m}, so groups of {m} straddle two ranks and no shard is 2:4 (dense kernel)")  # fmt: skip
 
 
 def compress(weight: torch.Tensor) -> torch.Tensor:

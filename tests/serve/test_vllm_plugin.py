@@ -123,3 +123,28 @@ def test_fused_vllm_layers_match_their_checkpoint_modules(checkpoints):
     cfg = CRePESparseConfig(record=partial)
     cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     assert not cfg._is_sparse("model.layers.0.self_attn.qkv_proj")  # one shard dense: the fused layer is not 2:4
+
+
+def test_row_parallel_split_off_a_multiple_of_4_is_left_dense():
+    """The claim under tensor parallelism, on vLLM's own layer classes: a row-parallel layer whose
+    per-rank input slice is a multiple of 4 is claimed; one whose slice cuts the groups of 4 (260
+    inputs over 2 ranks: 130 each) is left to vLLM's dense method, as a column-parallel one never is."""
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear, UnquantizedLinearMethod
+
+    from crepe_plugin.vllm.quant import CRePESparseConfig, CRePESparseLinearMethod
+
+    name = "model.layers.0.mlp.down_proj"
+    cfg = CRePESparseConfig(record={"modules": {name: {"structure": "2:4"}}})
+    cfg.packed_modules_mapping = {}
+
+    def layer(cls, input_size, per_rank):  # attributes vLLM sets before it asks for the quant method
+        m = cls.__new__(cls)
+        object.__setattr__(m, "input_size", input_size)
+        object.__setattr__(m, "input_size_per_partition", per_rank)
+        return m
+
+    assert isinstance(cfg.get_quant_method(layer(RowParallelLinear, 256, 128), name), CRePESparseLinearMethod)
+    assert isinstance(cfg.get_quant_method(layer(RowParallelLinear, 260, 260), name), CRePESparseLinearMethod)  # tp 1
+    left = cfg.get_quant_method(layer(RowParallelLinear, 260, 130), name)
+    assert type(left) is UnquantizedLinearMethod
+    assert isinstance(cfg.get_quant_method(layer(ColumnParallelLinear, 260, 260), name), CRePESparseLinearMethod)
