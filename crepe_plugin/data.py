@@ -12,6 +12,7 @@ from loguru import logger
 
 __all__ = [
     "default_data_dir",
+    "second_domain",
     "wikitext_file",
     "read_text",
     "calibration_dataset",
@@ -193,6 +194,19 @@ def protocol(data_dir: str | Path | None = None) -> Protocol | None:
             f"validation = last {1 - f:.0%} of valid, test = test (reporting only)"
         ),
     )
+
+
+SECOND_DOMAIN = "jargon-4.4.7.txt"
+
+
+def second_domain() -> Path | None:
+    """The second validation domain: the Jargon File 4.4.7 (public domain, Debian's `jargon-text`),
+    built by ``scripts/build_second_domain.py`` into the cache (``$CREPE_CACHE/data``); None until
+    it is built. Validation only, like WikiText's valid tail; calibration stays WikiText."""
+    from .models import cache_dir
+
+    p = cache_dir() / "data" / SECOND_DOMAIN
+    return p if p.is_file() else None
 
 
 class TextSourceError(ValueError):

@@ -5,8 +5,8 @@ The pipeline feeds decoder layer L the output of layers 0..L-1 *as pruned* (the 
 ``TeacherStream`` keeps, beside it, the dense model's input to layer L (the dense stream): for
 layer 0 it is the pipeline's own input; afterwards it is the dense layer's output on the dense
 stream, computed before the layer is pruned. Memory: one extra activation set (the dense inputs
-of the current layer, replaced by its dense outputs), plus, while a layer is reconstructed, the
-teacher outputs of its blocks.
+of the current layer, replaced batch by batch by its dense outputs), plus, with
+``granularity: blocks``, the teacher outputs of the attention block.
 
 ``reconstruct_layer`` then fits the kept weights of the decoder layer, block by block (its
 attention, then its MLP, or the whole layer), so that each block's output on the sparse stream
@@ -22,7 +22,6 @@ from typing import Any, Literal
 import torch
 from loguru import logger
 
-from ..compat.llmcompressor import disable_hooks
 from ..core.layers import weight_out_in
 from ..core.local import BlockFit, fit_block
 
@@ -80,7 +79,8 @@ class TeacherStream:
         self.calls.append(_Call(hidden.detach(), rest, dict(kwargs)))
 
     def dense_inputs(self) -> list[torch.Tensor]:
-        """The dense stream's input to the current layer (the first layer: the pipeline's own)."""
+        """The dense stream's input to the current layer (the first layer: the pipeline's own, in a
+        new list, so that ``dense_pass`` may replace its entries)."""
         if self.dense is None:
             return [c.hidden for c in self.calls]
         if len(self.dense) != len(self.calls):
@@ -119,7 +119,8 @@ def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
 @torch.no_grad()
 def dense_pass(layer, calls: list[_Call], inputs: list[torch.Tensor], blocks, store) -> tuple[list, dict]:
     """Run ``layer`` (dense weights) on the dense stream: (its outputs, {block name: the block's
-    outputs}), one entry per batch."""
+    outputs}), one entry per batch. Each output replaces its input in ``inputs`` as soon as it is
+    computed (the list returned is ``inputs``), so the stream holds one activation set, not two."""
     outs: dict[str, list] = {name: [] for name, _ in blocks}
     hooks = [
         block.register_forward_hook(lambda _m, _a, out, name=name: outs[name].append(store(_first(out))))
@@ -127,14 +128,15 @@ def dense_pass(layer, calls: list[_Call], inputs: list[torch.Tensor], blocks, st
         if block is not layer
     ]
     try:
-        layer_out = [store(_run(layer, c, x)) for c, x in zip(calls, inputs)]
+        for i, (c, x) in enumerate(zip(calls, inputs)):
+            inputs[i] = store(_run(layer, c, x))
     finally:
         for h in hooks:
             h.remove()
     for name, block in blocks:
         if block is layer:
-            outs[name] = layer_out
-    return layer_out, outs
+            outs[name] = inputs
+    return inputs, outs
 
 
 @torch.no_grad()
