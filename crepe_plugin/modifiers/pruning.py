@@ -19,8 +19,8 @@ from loguru import logger
 from pydantic import PrivateAttr, field_validator, model_validator
 
 from ..checkpoint.record import merge_record, new_record
-from ..compat.compressed_tensors import align_module_device, get_execution_device, match_named_modules, suspend_offloading
-from ..compat.llmcompressor import State, disable_hooks, sequential_layer_targets
+from ..compat.compressed_tensors import align_module_device, get_execution_device
+from ..compat.llmcompressor import State, sequential_layer_targets
 from ..core import (
     RIA_CONFIG,
     CRePEConfig,
@@ -42,7 +42,7 @@ from ..core.local import LocalReconstruction
 from ..core.prune import BlockSize, DampeningFrac, MaskSelection, RefineSteps, Scope
 from ..pho.config import SearchConfig
 from .base import Pruner, PruningModifier
-from .teacher import TeacherStream, dense_pass, layer_blocks, reconstruct_layer
+from .teacher import LocalReconstructor
 
 __all__ = ["CRePEPruningModifier", "RIAPruningModifier"]
 
@@ -135,15 +135,7 @@ class CRePEPruningModifier(PruningModifier):
     _prune: PruneConfig | None = PrivateAttr(None)
     _pruned: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
     _search_result: dict[str, Any] | None = PrivateAttr(default=None)
-    # local reconstruction: the teacher stream, each pruned Linear's decoder layer, and per epoch
-    # the kept positions, the dense layer's outputs and its blocks' teacher targets
-    _teacher: TeacherStream | None = PrivateAttr(None)
-    _decoder_of: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(default_factory=dict)
-    _decoder_names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
-    _keep: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _col_scale: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _dense_weights: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _epoch: tuple | None = PrivateAttr(None)
+    _local: LocalReconstructor | None = PrivateAttr(None)  # with local_reconstruction: the teacher and the fit
 
     # ---------------------------------------------------------------- the one resolved configuration
     @classmethod
@@ -220,7 +212,8 @@ class CRePEPruningModifier(PruningModifier):
         if self.search is not None:
             self._run_search(state, modules, {name: sparsities[name] for name in modules})
         if self.local_reconstruction is not None:
-            self._set_up_teacher(state.model, kwargs.get("sequential_targets"))
+            self._local = LocalReconstructor(self.local_reconstruction, self.structure, type(self).__name__)
+            self._local.set_up(state.model, self._layers, sequential_layer_targets(state.model, kwargs.get("sequential_targets")))
         what = self.mask_structure if n else f"{self._prune.scope} unstructured"
         logger.info(f"{type(self).__name__}: {len(self._layers)} layers to prune ({what}), config {self.crepe_config}")
         return True
@@ -247,74 +240,20 @@ class CRePEPruningModifier(PruningModifier):
         self._search_result = {k: res[k] for k in ("proxy", "sampler", "trials", "value", "params", "study_name")}
         logger.info(f"{type(self).__name__}: PHO chose {res['params']} ({res['proxy']} {res['value']:.6g})")
 
-    # ---------------------------------------------------------------- local reconstruction
-    def _set_up_teacher(self, model: torch.nn.Module, sequential_targets) -> None:
-        """Find the decoder layer of every pruned Linear; the teacher stream starts empty."""
-        targets = sequential_layer_targets(model, sequential_targets)
-        for name, layer in match_named_modules(model, targets):
-            inside = [m for m in layer.modules() if m in self._layers]
-            for m in inside:
-                self._decoder_of[m] = layer
-            if inside:
-                self._decoder_names[layer] = name
-        outside = [name for m, name in self._layers.items() if m not in self._decoder_of]
-        if outside:
-            raise PruningError(
-                f"{type(self).__name__}: local_reconstruction fits one decoder layer ({targets}) at a time, and "
-                f"layer '{outside[0]}' is in none; leave it out with `ignore`"
-            )
-        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[self.local_reconstruction.teacher_dtype]
-        self._teacher = TeacherStream(dtype)
-
+    # ---------------------------------------------------------------- local reconstruction (modifiers/teacher.py)
     def on_calibration_start(self, state: State, event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
-        if self._teacher is not None:  # what the pipeline feeds each decoder layer: the sparse stream
-            for layer in self._decoder_names:
-                self.register_hook(layer, self._teacher.capture, "forward_pre", with_kwargs=True)
-
-    def _epoch_layer(self, layers: dict[str, torch.nn.Module]) -> torch.nn.Module:
-        decs = {self._decoder_of[m] for m in layers.values()}
-        if len(decs) != 1 or self._teacher.layer not in decs:
-            raise PruningError(
-                f"{type(self).__name__}: local_reconstruction needs llm-compressor's sequential pipeline with one "
-                f"decoder layer per subgraph; {len(decs)} decoder layers were calibrated together"
-                + ("" if self._teacher.layer in decs else " (the teacher saw none of them)")
-            )
-        return decs.pop()
+        if self._local is not None:  # what the pipeline feeds each decoder layer: the sparse stream
+            for layer in self._local.decoder_layers:
+                self.register_hook(layer, self._local.teacher.capture, "forward_pre", with_kwargs=True)
 
     def before_layers(self, layers: dict[str, torch.nn.Module]) -> None:
-        """Local reconstruction: the dense layer's pass over the dense stream (its outputs are the
-        next layer's dense inputs; its blocks' outputs are the teacher's targets)."""
-        if self._teacher is None:
-            return
-        layer = self._epoch_layer(layers)
-        cfg = self.local_reconstruction
-        blocks = layer_blocks(layer, set(layers.values()), cfg.granularity)
-        with torch.no_grad(), disable_hooks():
-            out, targets = dense_pass(layer, self._teacher.calls, self._teacher.dense_inputs(), blocks, self._teacher.store)
-        self._epoch = (layer, out, targets)
-        if cfg.mask_moves:
-            self._dense_weights = {m: weight_out_in(m).detach().clone() for m in layers.values()}
+        if self._local is not None:
+            self._local.before(layers)
 
     def after_layers(self, layers: dict[str, torch.nn.Module]) -> None:
-        """Local reconstruction of the layer whose Linears were just pruned; then the teacher
-        stream moves on to the next layer."""
-        if self._teacher is None:
-            return
-        layer, out, targets = self._epoch
-        cfg = self.local_reconstruction
-        keep = {m: self._keep.pop(m) for m in layers.values() if m in self._keep}
-        if keep:
-            # no calibration hook may see the fit's passes; the layer's parameters are plain tensors meanwhile
-            with torch.enable_grad(), disable_hooks(), suspend_offloading(layer):
-                reconstruct_layer(
-                    layer, self._teacher, targets, keep, self.write_weight, granularity=cfg.granularity,
-                    epochs=cfg.epochs, lr=cfg.lr, accumulate=cfg.batch_size, per_token=cfg.loss == "token",
-                    mask_moves=cfg.mask_moves, nm=self.structure, dense_weights=self._dense_weights,
-                    col_scale=self._col_scale, seed=cfg.seed, layer_name=self._decoder_names[layer],
-                )  # fmt: skip
-        self._teacher.advance(out)
-        self._epoch, self._dense_weights, self._col_scale = None, {}, {}
+        if self._local is not None:
+            self._local.after(layers, self.write_weight)
 
     def new_stats(self, module: torch.nn.Module) -> InputNormStats | HessianStats:
         cls = HessianStats if self.reconstruct else InputNormStats
@@ -335,10 +274,8 @@ class CRePEPruningModifier(PruningModifier):
         with torch.no_grad(), align_module_device(module):
             pruned, mask = prune_layer(weight_out_in(module).detach(), stats, config, self._sparsities[module], layer_name=name)
             self.write_weight(module, pruned)
-        if self._epoch is not None and module in self._decoder_of:  # fitted in after_layers
-            self._keep[module] = ~mask
-            if stats.input_sq_norm is not None:
-                self._col_scale[module] = stats.input_sq_norm.sqrt()
+        if self._local is not None:  # fitted in after_layers
+            self._local.pruned(module, mask, stats.input_sq_norm)
         density = 1.0 - float(mask.float().mean())
         self._pruned[name] = {
             "structure": self.mask_structure,

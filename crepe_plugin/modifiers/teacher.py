@@ -22,10 +22,13 @@ from typing import Any, Literal
 import torch
 from loguru import logger
 
+from ..compat.compressed_tensors import match_named_modules, suspend_offloading
+from ..compat.llmcompressor import disable_hooks
+from ..core.errors import PruningError
 from ..core.layers import weight_out_in
-from ..core.local import BlockFit, fit_block
+from ..core.local import BlockFit, LocalReconstruction, fit_block
 
-__all__ = ["TeacherStream", "reconstruct_layer", "layer_blocks"]
+__all__ = ["TeacherStream", "LocalReconstructor", "reconstruct_layer", "layer_blocks"]
 
 Granularity = Literal["blocks", "layer"]
 
@@ -219,3 +222,84 @@ def reconstruct_layer(
         logger.info(f"{layer_name}.{bname or '*'}: local reconstruction, block output error {fit.loss_before:.4g} -> "
                     f"{fit.loss_after:.4g}" + (f", {fit.mask_changes} mask moves" if mask_moves else ""))  # fmt: skip
     return fits
+
+
+class LocalReconstructor:
+    """What a pruning modifier with ``local_reconstruction`` holds: the teacher stream, the decoder
+    layer of every pruned Linear, and, for the decoder layer being calibrated, the dense pass's
+    targets and the masks chosen. The modifier calls ``before`` / ``pruned`` / ``after`` from its
+    ``before_layers`` / ``_prune_one`` / ``after_layers``."""
+
+    def __init__(self, cfg: LocalReconstruction, nm: tuple[int, int], owner: str):
+        self.cfg, self.nm, self.owner = cfg, nm, owner
+        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
+        self.teacher = TeacherStream(dtype)
+        self.decoder_of: dict[torch.nn.Module, torch.nn.Module] = {}
+        self.decoder_layers: dict[torch.nn.Module, str] = {}  # decoder layer -> name
+        self._epoch: tuple | None = None  # (layer, dense outputs, block targets) while a layer is calibrated
+        self._keep: dict[torch.nn.Module, torch.Tensor] = {}
+        self._col_scale: dict[torch.nn.Module, torch.Tensor] = {}
+        self._dense_weights: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def set_up(self, model: torch.nn.Module, pruned: dict[torch.nn.Module, str], sequential_targets) -> None:
+        """Find the decoder layer (llm-compressor's sequential target) of every pruned Linear."""
+        for name, layer in match_named_modules(model, sequential_targets):
+            inside = [m for m in layer.modules() if m in pruned]
+            self.decoder_of.update({m: layer for m in inside})
+            if inside:
+                self.decoder_layers[layer] = name
+        outside = [name for m, name in pruned.items() if m not in self.decoder_of]
+        if outside:
+            raise PruningError(
+                f"{self.owner}: local_reconstruction fits one decoder layer ({sequential_targets}) at a time, and "
+                f"layer '{outside[0]}' is in none; leave it out with `ignore`"
+            )
+
+    def _layer(self, layers: dict[str, torch.nn.Module]) -> torch.nn.Module:
+        decs = {self.decoder_of[m] for m in layers.values()}
+        if len(decs) != 1 or self.teacher.layer not in decs:
+            raise PruningError(
+                f"{self.owner}: local_reconstruction needs llm-compressor's sequential pipeline with one "
+                f"decoder layer per subgraph; {len(decs)} decoder layers were calibrated together"
+                + ("" if self.teacher.layer in decs else " (the teacher saw none of them)")
+            )
+        return decs.pop()
+
+    def before(self, layers: dict[str, torch.nn.Module]) -> None:
+        """Before the layer is pruned: the dense layer's pass over the dense stream (its outputs
+        are the next layer's dense inputs; its blocks' outputs are the targets)."""
+        layer = self._layer(layers)
+        blocks = layer_blocks(layer, set(layers.values()), self.cfg.granularity)
+        with torch.no_grad(), disable_hooks():
+            out, targets = dense_pass(layer, self.teacher.calls, self.teacher.dense_inputs(), blocks, self.teacher.store)
+        self._epoch = (layer, out, targets)
+        if self.cfg.mask_moves:
+            self._dense_weights = {m: weight_out_in(m).detach().clone() for m in layers.values()}
+
+    def pruned(self, module: torch.nn.Module, mask: torch.Tensor, input_sq_norm: torch.Tensor | None) -> None:
+        """A Linear of the current layer was pruned (``mask``: True = pruned)."""
+        if self._epoch is None or module not in self.decoder_of:  # e.g. an idle expert pruned at finalize
+            return
+        self._keep[module] = ~mask
+        if input_sq_norm is not None:
+            self._col_scale[module] = input_sq_norm.sqrt()
+
+    def after(self, layers: dict[str, torch.nn.Module], write) -> None:
+        """Fit the layer just pruned to the teacher; then the teacher stream moves on."""
+        layer, out, targets = self._epoch
+        keep = {m: self._keep.pop(m) for m in layers.values() if m in self._keep}
+        cfg = self.cfg
+        if keep:
+            if cfg.mask_moves:  # a data-free score has no input norms: moves rank by |w|
+                for m in keep:
+                    self._col_scale.setdefault(m, torch.ones(weight_out_in(m).shape[1]))
+            # no calibration hook may see the fit's passes; the layer's parameters are plain tensors meanwhile
+            with torch.enable_grad(), disable_hooks(), suspend_offloading(layer):
+                reconstruct_layer(
+                    layer, self.teacher, targets, keep, write, granularity=cfg.granularity, epochs=cfg.epochs,
+                    lr=cfg.lr, accumulate=cfg.batch_size, per_token=cfg.loss == "token", mask_moves=cfg.mask_moves,
+                    nm=self.nm, dense_weights=self._dense_weights, col_scale=self._col_scale, seed=cfg.seed,
+                    layer_name=self.decoder_layers[layer],
+                )  # fmt: skip
+        self.teacher.advance(out)
+        self._epoch, self._dense_weights, self._col_scale = None, {}, {}
