@@ -9,6 +9,7 @@ none reruns the model except the 'ppl' baseline, which must.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
@@ -33,8 +34,9 @@ def target_modules(model: torch.nn.Module, ignore: Iterable[str] = DEFAULT_IGNOR
     check_name_patterns(ignore, "--ignore")
     layers = select_layers(model, PRUNABLE, ())
     unused = [e for e in ignore if e not in DEFAULT_IGNORE and not any(is_match(n, m, [e]) for n, m in layers.items())]
-    if unused:
-        logger.warning(f"--ignore {' '.join(repr(e) for e in unused)} matches no layer of the model; "
+    if unused:  # named as the user wrote them (crepe search turns a name suffix S into 're:.*S$')
+        shown = [re.sub(r"\\(.)", r"\1", m.group(1)) if (m := re.fullmatch(r"re:\.\*(.*)\$", e)) else e for e in unused]
+        logger.warning(f"--ignore {' '.join(repr(e) for e in shown)} matches no layer of the model; "
                        "check the spelling (a layer name, a class name, or 're:' and a regex matched from the start)")  # fmt: skip
     return select_layers(model, PRUNABLE, ignore)
 
