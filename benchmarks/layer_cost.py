@@ -26,7 +26,7 @@ RECIPES = {
     "sparsegpt": "sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5\n"
     "      mask_structure: '2:4'\n      ignore: ['re:.*lm_head']\n",
     "crepe_2of4": (ROOT / "recipes" / "crepe_2of4.yaml").read_text(),
-    "crepe_2of4_local": (ROOT / "recipes" / "crepe_2of4_local.yaml").read_text(),
+    "crepe_fast_2of4": (ROOT / "recipes" / "crepe_fast_2of4.yaml").read_text(),
     "crepe_best_2of4": (ROOT / "recipes" / "crepe_best_2of4.yaml").read_text(),
 }
 
@@ -79,7 +79,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--methods", default="sparsegpt,crepe_2of4,crepe_2of4_local,crepe_best_2of4")
+    ap.add_argument("--methods", default="sparsegpt,crepe_2of4,crepe_fast_2of4,crepe_best_2of4")
     ap.add_argument("--shape", default="8b", choices=sorted(SHAPES), help="tiny: a seconds-long dry run of the script")
     ap.add_argument("--results", default="benchmarks/results/layer_cost.jsonl")
     ap.add_argument("--method", help=argparse.SUPPRESS)
