@@ -314,3 +314,10 @@ def test_one_layer_predicate_selects_for_targets_ignore_and_sparsity_keys(tmp_pa
         layer_sparsities({"re:.*nothing": 0.5, "default": 0.5}, model, layers)
     with pytest.raises(PruningError, match="no entry for layer"):
         layer_sparsities({"model.layers.0": 0.5}, model, layers)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_is_read_by_llmcompressor(recipe):
+    from crepe_plugin.pipeline import load_recipe
+
+    assert load_recipe(str(ROOT / "recipes" / recipe)).modifiers
