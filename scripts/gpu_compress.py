@@ -166,22 +166,23 @@ class Capture:
     """Records, per recorded layer, the final mask (codes) and, if asked, the CPU's decision margins."""
 
     def __init__(self, margins: bool):
+        import crepe_plugin.core.prune as core_prune
         import crepe_plugin.modifiers.pruning as pruning
-        from crepe_plugin.modifiers import CRePEPruningModifier
 
         self.codes: dict[str, np.ndarray] = {}
         self.margins: dict[str, np.ndarray] = {}
         self._undo = []
-        cls = CRePEPruningModifier
-        orig_record = cls._record_layer
+        orig_prune = pruning.prune_layer  # the modifier's one per-Linear step: (weight, mask)
 
-        def record(mod, module, name, mask, n, **extra):
-            self.codes[name] = mask_codes(mask)
-            return orig_record(mod, module, name, mask, n, **extra)
+        def prune_layer(*args, layer_name=None, **kwargs):
+            pruned, mask = orig_prune(*args, layer_name=layer_name, **kwargs)
+            self.codes[layer_name] = mask_codes(mask)
+            return pruned, mask
 
-        self._patch(cls, "_record_layer", record)
+        self._patch(pruning, "prune_layer", prune_layer)
         if not margins:
             return
+        pruning = core_prune  # where prune_layer looks the score functions up
         orig_scores, orig_sal = pruning.crepe_scores, pruning.crepe_saliency
 
         def scores(w, norm, config=None, *, layer_name=None):
