@@ -92,8 +92,9 @@ def offline_tokens(
 
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(tp))
-    if quantization:  # claimed_shards travels to the workers by pickle
-        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    # claimed_shards travels to the workers by pickle; the plugin may be chosen by vLLM's override hook
+    # (an FP8 / INT8 checkpoint), not only by quantization='crepe_sparse', so allow it whenever we ask
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     llm = LLM(model=model, dtype=dtype, max_model_len=256, enforce_eager=True, seed=0, quantization=quantization,
               tensor_parallel_size=tp, **extra)  # fmt: skip
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
