@@ -71,6 +71,18 @@ t_start = time.perf_counter()
 class Stop(Exception):
     pass
 
+def run_hooked(bs, hooks):
+    """Forward each batch until a capture hook stops it, then remove the hooks."""
+    with torch.no_grad():
+        for b in bs:
+            try:
+                model(input_ids=b, use_cache=False)
+            except Stop:
+                pass
+    for h in hooks:
+        h.remove()
+
+
 cap_in = [[] for _ in layers]
 cap_kw = [[] for _ in layers]
 hs = []
@@ -84,14 +96,7 @@ for i, layer in enumerate(layers):
         if i == 0:
             raise Stop
     hs.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-with torch.no_grad():
-    for b in batches:
-        try:
-            model(input_ids=b, use_cache=False)
-        except Stop:
-            pass
-for h in hs:
-    h.remove()
+run_hooked(batches, hs)
 # kwargs of later layers: capture by a full forward only for kwargs (cheap enough: needed for gemma local/global)
 kw_all = [[] for _ in layers]
 hs = []
@@ -103,14 +108,7 @@ for i, layer in enumerate(layers):
         if i == len(layers) - 1:
             raise Stop
     hs.append(layer.register_forward_pre_hook(pre2, with_kwargs=True))
-with torch.no_grad():
-    for b in batches[:1]:
-        try:
-            model(input_ids=b, use_cache=False)
-        except Stop:
-            pass
-for h in hs:
-    h.remove()
+run_hooked(batches[:1], hs)
 # same kwargs for every batch (same shapes, no padding)
 KW = [kw_all[i][0] for i in range(len(layers))]
 
