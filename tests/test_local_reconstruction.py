@@ -201,3 +201,25 @@ def test_recipe_refuses_mask_moves_without_n_of_m():
 
     with pytest.raises(ValueError, match="mask_moves"):
         CRePEPruningModifier(mask_structure="0:0", sparsity=0.5, local_reconstruction={"mask_moves": True})
+
+
+@pytest.mark.parametrize("log_error", [False, True])
+def test_log_error_measures_the_block_error_only_when_asked(tmp_path, log_error):
+    """Off (the default), the fit logs its training loss and runs no extra pass; on, it logs the
+    block's output error before and after, and the error after is the lower."""
+    from loguru import logger
+
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: "local reconstruction" in r["message"])
+    try:
+        extra = "        log_error: true\n" if log_error else ""
+        _run(str(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(epochs=2, lr=1e-3, extra=extra))
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 2  # one per decoder layer (granularity: layer)
+    for line in lines:
+        if log_error:
+            before, after = (float(x) for x in line.split("block output error ")[1].split(" -> "))
+            assert after < before, line
+        else:
+            assert "training loss by epoch" in line and line.count(" -> ") == 1, line  # two epochs

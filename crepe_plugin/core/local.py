@@ -52,6 +52,11 @@ class LocalReconstruction(BaseModel):
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="storage of the dense teacher's activations ('auto': the model's activations' dtype)"
     )
+    log_error: bool = Field(
+        False,
+        description="log each block's output error before and after the fit (two extra passes over the calibration "
+        "windows per block); otherwise the log gives the training loss of each epoch",
+    )
     seed: int = 0
 
 

@@ -184,13 +184,15 @@ def reconstruct_layer(
     dense_weights: dict[torch.nn.Module, torch.Tensor] | None = None,
     col_scale: dict[torch.nn.Module, torch.Tensor] | None = None,
     seed: int = 0,
+    measure: bool = False,
     layer_name: str = "",
 ) -> list[tuple[str, BlockFit]]:
     """Fit the kept weights of ``layer``'s pruned Linears to the dense teacher, block by block.
 
     ``targets``: {block name: the dense block's outputs on the dense stream} (``dense_pass``).
     ``keep``: {Linear: bool (out, in), True = kept}; the layer's weights are pruned when this is
-    called. ``write(module, w_out_in)`` stores a weight. Returns the fit of every block. Run it
+    called. ``write(module, w_out_in)`` stores a weight. ``measure``: also compute each block's
+    output error before and after (two extra passes). Returns the fit of every block. Run it
     with every calibration hook disabled (``compat.llmcompressor.disable_hooks``).
     """
     fits = []
@@ -210,7 +212,7 @@ def reconstruct_layer(
         fit = fit_block(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
             targets[bname], epochs=epochs, lr=lr, accumulate=accumulate, seed=seed, per_token=per_token,
-            mask_moves=mask_moves, nm=nm,
+            mask_moves=mask_moves, nm=nm, measure=measure,
             shadow={k: dense_weights[m] for m, k in lin.items()} if mask_moves else None,
             col_scale={k: col_scale[m] for m, k in lin.items()} if mask_moves else None,
             layer_name=f"{layer_name}.{bname}" if bname else layer_name,
@@ -219,8 +221,10 @@ def reconstruct_layer(
             write(m, fit.weights[k].to(weight_out_in(m).dtype))
             keep[m] = fit.keep[k]
         fits.append((bname or "layer", fit))
-        logger.info(f"{layer_name}.{bname or '*'}: local reconstruction, block output error {fit.loss_before:.4g} -> "
-                    f"{fit.loss_after:.4g}" + (f", {fit.mask_changes} mask moves" if mask_moves else ""))  # fmt: skip
+        what = (f"block output error {fit.loss_before:.4g} -> {fit.loss_after:.4g}" if measure else
+                "training loss by epoch " + " -> ".join(f"{h:.4g}" for h in fit.history))
+        logger.info(f"{layer_name}.{bname or '*'}: local reconstruction, {what}"
+                    + (f", {fit.mask_changes} mask moves" if mask_moves else ""))  # fmt: skip
     return fits
 
 
@@ -299,7 +303,7 @@ class LocalReconstructor:
                     layer, self.teacher, targets, keep, write, granularity=cfg.granularity, epochs=cfg.epochs,
                     lr=cfg.lr, accumulate=cfg.batch_size, per_token=cfg.loss == "token", mask_moves=cfg.mask_moves,
                     nm=self.nm, dense_weights=self._dense_weights, col_scale=self._col_scale, seed=cfg.seed,
-                    layer_name=self.decoder_layers[layer],
+                    measure=cfg.log_error, layer_name=self.decoder_layers[layer],
                 )  # fmt: skip
         self.teacher.advance(out)
         self._epoch, self._dense_weights, self._col_scale = None, {}, {}
