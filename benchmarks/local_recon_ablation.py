@@ -43,6 +43,7 @@ P.add_argument("--intra", action="store_true")
 P.add_argument("--grad", default="none")
 P.add_argument("--epochs", type=int, default=1)
 P.add_argument("--lr", type=float, default=1e-4)
+P.add_argument("--lr-scale", default="absolute", choices=["absolute", "weight_rms"])
 P.add_argument("--gbs", type=int, default=4, help="sequences per Adam step")
 P.add_argument("--moves", action="store_true")
 P.add_argument("--tokloss", action="store_true")
@@ -216,7 +217,7 @@ def grad_recon(layer, X_s, kw, units, masks, X_d_targets):
         def forward(params, b):
             return out0(torch.func.functional_call(unit, dict(params), (ins[b],), kwb, strict=False))
         t0 = time.perf_counter()
-        fit = fit_block(forward, weights, keep, tgts, epochs=int(a.epochs), lr=a.lr, accumulate=a.gbs,
+        fit = fit_block(forward, weights, keep, tgts, epochs=int(a.epochs), lr=a.lr, lr_scale=a.lr_scale, accumulate=a.gbs,
                         mask_moves=a.moves, shadow=shadow, col_scale=scale, nm=(2, 4), per_token=a.tokloss)
         with torch.no_grad():
             if a.norms:

@@ -223,3 +223,24 @@ def test_log_error_measures_the_block_error_only_when_asked(tmp_path, log_error)
             assert after < before, line
         else:
             assert "training loss by epoch" in line and line.count(" -> ") == 1, line  # two epochs
+
+
+def test_weight_rms_lr_scale_is_invariant_to_the_weights_scale():
+    """With ``lr_scale: weight_rms`` the same setting takes the same relative step at any weight
+    scale: scaling the weights and the teacher's outputs by c scales the fit by c. With
+    ``absolute`` it does not (the step is the same size on small weights as on large ones)."""
+    w, pruned, keep, targets, forward = _linear_problem(seed=4)
+    c = 0.05
+    small_targets = [t * c for t in targets]
+    fits = {}
+    for scale in ("weight_rms", "absolute"):
+        big = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=3, lr=1e-2, lr_scale=scale, measure=False)
+        small = fit_block(forward, {"w": pruned * c}, {"w": keep}, small_targets, epochs=3, lr=1e-2, lr_scale=scale,
+                          measure=False)  # fmt: skip
+        fits[scale] = (big.weights["w"], small.weights["w"])
+    big, small = fits["weight_rms"]
+    assert torch.allclose(small, big * c, rtol=1e-4, atol=1e-7)
+    big, small = fits["absolute"]
+    assert not torch.allclose(small, big * c, rtol=1e-2, atol=1e-5)
+    with pytest.raises(ValueError):
+        LocalReconstruction(lr_scale="per_row")

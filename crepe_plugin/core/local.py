@@ -41,6 +41,11 @@ class LocalReconstruction(BaseModel):
 
     epochs: int = Field(1, ge=1, le=100, description="passes over the calibration batches per decoder layer")
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="Adam's learning rate (cosine decay to 0)")
+    lr_scale: Literal["absolute", "weight_rms"] = Field(
+        "absolute",
+        description="'absolute': every weight steps by `lr`; 'weight_rms': each Linear's step is `lr` times the RMS of "
+        "its kept weights, so one setting means the same relative step on models whose weights differ in scale",
+    )
     batch_size: int = Field(1, ge=1, description="calibration batches per Adam step")
     granularity: Literal["layer", "blocks"] = Field(
         "layer", description="'layer': the decoder layer's output; 'blocks': its attention, then its MLP, each on its own"
@@ -109,6 +114,7 @@ def fit_block(
     *,
     epochs: int = 1,
     lr: float = 1e-4,
+    lr_scale: str = "absolute",
     accumulate: int = 1,
     seed: int = 0,
     mask_moves: bool = False,
@@ -127,6 +133,8 @@ def fit_block(
         block's output for batch ``b`` with ``params`` (name -> weight) substituted.
     epochs: passes over the batches, in a seeded random order; ``accumulate`` batches per step;
         the learning rate follows a cosine from ``lr`` to 0 over all steps.
+    lr_scale: 'absolute', or 'weight_rms': each weight's learning rate is ``lr`` times the RMS of
+        its kept entries at the start (a relative step, the same on any weight scale).
     mask_moves: re-choose each N:M group's kept weights at the start of every epoch after the
         first (needs ``nm``, ``shadow``: name -> the dense weight, the pruned positions' start,
         and ``col_scale``: name -> (in,) input scale of the score ``|w| * col_scale``).
@@ -156,7 +164,17 @@ def fit_block(
     before = _loss(forward, effective(params), targets, per_token) if measure else float("nan")
     steps_per_epoch = math.ceil(nb / accumulate)
     total = steps_per_epoch * epochs
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    if lr_scale not in ("absolute", "weight_rms"):
+        raise ValueError(f"{_where(layer_name)}: lr_scale must be 'absolute' or 'weight_rms', not {lr_scale!r}")
+    groups = []
+    for k, v in params.items():
+        scale = 1.0
+        if lr_scale == "weight_rms":
+            kept = v.detach()[keep[k]]
+            scale = float(kept.pow(2).mean().sqrt()) if kept.numel() else 0.0
+            scale = scale if math.isfinite(scale) and scale > 0 else 1.0  # an all-zero weight: absolute
+        groups.append({"params": [v], "lr": lr * scale})
+    opt = torch.optim.Adam(groups, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
     gen = torch.Generator().manual_seed(seed)
     history, changes = [], 0

@@ -177,6 +177,7 @@ def reconstruct_layer(
     granularity: Granularity = "blocks",
     epochs: int = 1,
     lr: float = 1e-4,
+    lr_scale: str = "absolute",
     accumulate: int = 4,
     per_token: bool = False,
     mask_moves: bool = False,
@@ -211,7 +212,7 @@ def reconstruct_layer(
 
         fit = fit_block(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
-            targets[bname], epochs=epochs, lr=lr, accumulate=accumulate, seed=seed, per_token=per_token,
+            targets[bname], epochs=epochs, lr=lr, lr_scale=lr_scale, accumulate=accumulate, seed=seed, per_token=per_token,
             mask_moves=mask_moves, nm=nm, measure=measure,
             shadow={k: dense_weights[m] for m, k in lin.items()} if mask_moves else None,
             col_scale={k: col_scale[m] for m, k in lin.items()} if mask_moves else None,
@@ -301,7 +302,7 @@ class LocalReconstructor:
             with torch.enable_grad(), disable_hooks(), suspend_offloading(layer):
                 reconstruct_layer(
                     layer, self.teacher, targets, keep, write, granularity=cfg.granularity, epochs=cfg.epochs,
-                    lr=cfg.lr, accumulate=cfg.batch_size, per_token=cfg.loss == "token", mask_moves=cfg.mask_moves,
+                    lr=cfg.lr, lr_scale=cfg.lr_scale, accumulate=cfg.batch_size, per_token=cfg.loss == "token", mask_moves=cfg.mask_moves,
                     nm=self.nm, dense_weights=self._dense_weights, col_scale=self._col_scale, seed=cfg.seed,
                     measure=cfg.log_error, layer_name=self.decoder_layers[layer],
                 )  # fmt: skip
