@@ -114,7 +114,7 @@ def fit_block(
     *,
     epochs: int = 1,
     lr: float = 1e-4,
-    lr_scale: str = "absolute",
+    lr_scale: Literal["absolute", "weight_rms"] = "absolute",
     accumulate: int = 1,
     seed: int = 0,
     mask_moves: bool = False,
@@ -145,6 +145,8 @@ def fit_block(
     """
     if epochs < 0 or lr <= 0 or accumulate < 1:
         raise ValueError(f"{_where(layer_name)}: epochs must be >= 0, lr > 0 and accumulate >= 1")
+    if lr_scale not in ("absolute", "weight_rms"):
+        raise ValueError(f"{_where(layer_name)}: lr_scale must be 'absolute' or 'weight_rms', not {lr_scale!r}")
     if mask_moves and (nm is None or shadow is None or col_scale is None):
         raise ValueError("mask_moves needs nm, shadow and col_scale")
     keep = {k: v.to(torch.bool) for k, v in keep.items()}
@@ -164,17 +166,14 @@ def fit_block(
     before = _loss(forward, effective(params), targets, per_token) if measure else float("nan")
     steps_per_epoch = math.ceil(nb / accumulate)
     total = steps_per_epoch * epochs
-    if lr_scale not in ("absolute", "weight_rms"):
-        raise ValueError(f"{_where(layer_name)}: lr_scale must be 'absolute' or 'weight_rms', not {lr_scale!r}")
-    groups = []
-    for k, v in params.items():
-        scale = 1.0
-        if lr_scale == "weight_rms":
-            kept = v.detach()[keep[k]]
-            scale = float(kept.pow(2).mean().sqrt()) if kept.numel() else 0.0
-            scale = scale if math.isfinite(scale) and scale > 0 else 1.0  # an all-zero weight: absolute
-        groups.append({"params": [v], "lr": lr * scale})
-    opt = torch.optim.Adam(groups, lr=lr)
+    def step_scale(k: str, v: torch.Tensor) -> float:
+        """1, or with 'weight_rms' the RMS of the kept entries (1 where there is none to measure)."""
+        if lr_scale == "absolute" or not bool(keep[k].any()):
+            return 1.0
+        rms = float(v.detach()[keep[k]].pow(2).mean().sqrt())
+        return rms if math.isfinite(rms) and rms > 0 else 1.0
+
+    opt = torch.optim.Adam([{"params": [v], "lr": lr * step_scale(k, v)} for k, v in params.items()], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
     gen = torch.Generator().manual_seed(seed)
     history, changes = [], 0

@@ -177,7 +177,7 @@ def reconstruct_layer(
     granularity: Granularity = "blocks",
     epochs: int = 1,
     lr: float = 1e-4,
-    lr_scale: str = "absolute",
+    lr_scale: Literal["absolute", "weight_rms"] = "absolute",
     accumulate: int = 4,
     per_token: bool = False,
     mask_moves: bool = False,
