@@ -42,8 +42,9 @@ P.add_argument("--asym", action="store_true")
 P.add_argument("--intra", action="store_true")
 P.add_argument("--grad", default="none")
 P.add_argument("--epochs", type=int, default=1)
-P.add_argument("--lr", type=float, default=1e-4)
+P.add_argument("--lr", type=float, nargs="+", default=[1e-4], help="one, or several: each layer keeps the best fit")
 P.add_argument("--lr-scale", default="absolute", choices=["absolute", "weight_rms"])
+P.add_argument("--guard", action="store_true", help="fit_block's guard: keep the start where every fit raised the loss")
 P.add_argument("--gbs", type=int, default=4, help="sequences per Adam step")
 P.add_argument("--moves", action="store_true")
 P.add_argument("--tokloss", action="store_true")
@@ -217,7 +218,7 @@ def grad_recon(layer, X_s, kw, units, masks, X_d_targets):
         def forward(params, b):
             return out0(torch.func.functional_call(unit, dict(params), (ins[b],), kwb, strict=False))
         t0 = time.perf_counter()
-        fit = fit_block(forward, weights, keep, tgts, epochs=int(a.epochs), lr=a.lr, lr_scale=a.lr_scale, accumulate=a.gbs,
+        fit = fit_block(forward, weights, keep, tgts, epochs=int(a.epochs), lr=a.lr, lr_scale=a.lr_scale, guard=a.guard, accumulate=a.gbs,
                         mask_moves=a.moves, shadow=shadow, col_scale=scale, nm=(2, 4), per_token=a.tokloss)
         with torch.no_grad():
             if a.norms:
@@ -227,7 +228,8 @@ def grad_recon(layer, X_s, kw, units, masks, X_d_targets):
             for m, n in names.items():
                 m.weight.data.copy_(fit.weights[f"{n}.weight"])
                 masks[m] = ~fit.keep[f"{n}.weight"]
-        log.append((type(unit).__name__, fit.loss_before, fit.loss_after, fit.mask_changes, round(time.perf_counter() - t0, 1)))
+        log.append((type(unit).__name__, fit.loss_before, fit.loss_after, fit.mask_changes, round(time.perf_counter() - t0, 1))
+                   + ((fit.lr, fit.probe_losses) if fit.probe_losses else ()))
     return log
 
 
@@ -310,7 +312,9 @@ for li in range(L):
     err = None
     if Y_d is not None:
         err = sum(F.mse_loss(xs, yd, reduction="sum").item() for xs, yd in zip(X_s, Y_d)) / sum(y.pow(2).sum().item() for y in Y_d)
-    logs.append({"layer": li, "s": round(time.perf_counter() - t0, 1), "rel_err": err, "grad": glog})
+        # the mean over tokens of each token's relative squared error (massive-activation tokens count once)
+        tok_err = sum(((xs - yd).pow(2).sum(-1) / yd.pow(2).sum(-1).clamp_min(1e-30)).sum().item() for xs, yd in zip(X_s, Y_d)) / sum(y.shape[0] * y.shape[1] for y in Y_d)
+    logs.append({"layer": li, "s": round(time.perf_counter() - t0, 1), "rel_err": err, "tok_err": tok_err if Y_d is not None else None, "grad": glog})
     print(json.dumps(logs[-1]), flush=True)
     if li + 1 < L and Y_d is None:
         pass

@@ -22,6 +22,9 @@ RECIPES = {
                          "      row_coef: 0\n      col_coef: 0\n", "row_coef"),
     "adaptive without reconstruction": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
                                         "      mask_structure: '2:4'\n      mask_selection: adaptive\n", "reconstruct"),
+    "zero in a list of learning rates": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
+                                         "      mask_structure: '2:4'\n      local_reconstruction:\n        lr: [1.0e-3, 0]\n",
+                                         "local_reconstruction.lr: Value error, each learning rate must be in (0, 1], not 0.0"),
 }  # fmt: skip
 
 

@@ -244,3 +244,45 @@ def test_weight_rms_lr_scale_is_invariant_to_the_weights_scale():
     assert not torch.allclose(small, big * c, rtol=1e-2, atol=1e-5)
     with pytest.raises(ValueError):
         LocalReconstruction(lr_scale="per_row")
+
+
+def test_several_learning_rates_keep_the_best_fit_and_the_guard_keeps_the_start():
+    """A learning rate too large for the block raises its error. Given several, the block keeps
+    the fit with the lowest loss on the probe batches, whatever their order; with the guard, the
+    start competes too, so the block is never returned worse than it came."""
+    w, pruned, keep, targets, forward = _linear_problem(seed=2)
+    plain = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=0.5)
+    assert plain.loss_after > plain.loss_before and plain.probe_losses == []  # the large step raises the error
+    both = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=[0.5, 0.05])
+    assert both.lr == 0.05 and both.probe_losses[0] > both.probe_losses[1]
+    assert both.loss_after < both.loss_before
+    assert torch.all(both.weights["w"][~keep] == 0) and is_nm(both.weights["w"], 2, 4)
+    swapped = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=[0.05, 0.5])
+    assert swapped.lr == 0.05 and torch.equal(swapped.weights["w"], both.weights["w"])
+    hopeless = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=[20.0, 2.0], guard=True)
+    assert hopeless.lr == 0.0 and min(hopeless.probe_losses[1:]) > hopeless.probe_losses[0]
+    assert torch.equal(hopeless.weights["w"], pruned) and hopeless.loss_after == hopeless.loss_before
+    # a learning rate that works passes the guard, and gives exactly the unguarded fit
+    good = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=4, lr=1e-2, guard=True)
+    same = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=4, lr=1e-2)
+    assert good.lr == 1e-2 and len(good.probe_losses) == 2 and good.probe_losses[1] < good.probe_losses[0]
+    assert torch.equal(good.weights["w"], same.weights["w"])
+
+
+@pytest.mark.parametrize("lr,kept", [("[1.0, 1.0e-3]", "kept the fit at lr 0.001"), ("1.0", "kept the block as pruned")])
+def test_learning_rates_and_guard_in_a_recipe_log_each_layers_choice(tmp_path, lr, kept):
+    """``lr: [...]`` and ``guard: true`` in YAML: each decoder layer logs the probe losses and
+    what it kept (an absurd learning rate loses to a sane one, or to the start under the guard),
+    and the checkpoint is still exactly 2:4."""
+    from loguru import logger
+
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: ", loss on 16 windows" in r["message"])
+    try:
+        out = tmp_path / "out"
+        _run(str(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(epochs=1, lr=lr, extra="        guard: true\n"), out)
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 2 and all(kept in line for line in lines), lines
+    rep = verify_checkpoint(out)
+    assert all(l.nm_ok for l in rep.layers if l.recorded)

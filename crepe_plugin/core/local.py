@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import NonFiniteError, _where
 
-__all__ = ["LocalReconstruction", "BlockFit", "fit_block", "nm_keep_from_scores"]
+__all__ = ["LocalReconstruction", "BlockFit", "fit_block", "nm_keep_from_scores", "PROBE_BATCHES"]
+
+PROBE_BATCHES = 16  # calibration batches on which fits at several learning rates (and the start) are compared
 
 
 class LocalReconstruction(BaseModel):
@@ -40,7 +42,11 @@ class LocalReconstruction(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(1, ge=1, le=100, description="passes over the calibration batches per decoder layer")
-    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Adam's learning rate (cosine decay to 0)")
+    lr: float | list[float] = Field(
+        1e-4,
+        description="Adam's learning rate (cosine decay to 0); or a list of up to 4: each decoder layer is fitted at "
+        "each and keeps the fit with the lowest loss on 16 calibration windows",
+    )
     lr_scale: Literal["absolute", "weight_rms"] = Field(
         "absolute",
         description="'absolute': every weight steps by `lr`; 'weight_rms': each Linear's step is `lr` times the RMS of "
@@ -57,6 +63,11 @@ class LocalReconstruction(BaseModel):
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="storage of the dense teacher's activations ('auto': the model's activations' dtype)"
     )
+    guard: bool = Field(
+        False,
+        description="compare the block's loss before and after the fit on 16 calibration windows, and keep the block "
+        "as pruned where every fit raised it",
+    )
     log_error: bool = Field(
         False,
         description="log each block's output error before and after the fit (two extra passes over the calibration "
@@ -64,11 +75,25 @@ class LocalReconstruction(BaseModel):
     )
     seed: int = 0
 
+    @field_validator("lr")
+    @classmethod
+    def _learning_rates(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not 1 <= len(values) <= 4:
+            raise ValueError(f"give one learning rate or a list of 1 to 4, not {len(values)}")
+        bad = [x for x in values if not 0.0 < x <= 1.0]
+        if bad:
+            raise ValueError(f"each learning rate must be in (0, 1], not {bad[0]}")
+        return v
+
 
 @dataclass
 class BlockFit:
     """What ``fit_block`` returns: the fitted weights (float32, exactly zero where pruned), the
-    kept positions, and the block's mean squared output error before and after."""
+    kept positions, and the block's mean squared output error before and after (NaN unless
+    measured). ``lr``: the learning rate of the fit returned (0: the guard kept the start);
+    ``probe_losses``: the loss on the probe batches at the start (with ``guard``) and after each
+    fit tried, in order (empty when one learning rate is fitted without the guard)."""
 
     weights: dict[str, torch.Tensor]
     keep: dict[str, torch.Tensor]
@@ -77,6 +102,8 @@ class BlockFit:
     steps: int
     mask_changes: int = 0
     history: list[float] = field(default_factory=list)
+    lr: float = 0.0
+    probe_losses: list[float] = field(default_factory=list)
 
 
 def nm_keep_from_scores(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -113,7 +140,7 @@ def fit_block(
     targets: Sequence[torch.Tensor],
     *,
     epochs: int = 1,
-    lr: float = 1e-4,
+    lr: float | Sequence[float] = 1e-4,
     lr_scale: Literal["absolute", "weight_rms"] = "absolute",
     accumulate: int = 1,
     seed: int = 0,
@@ -123,6 +150,7 @@ def fit_block(
     nm: tuple[int, int] | None = None,
     measure: bool = True,
     per_token: bool = False,
+    guard: bool = False,
     layer_name: str | None = None,
 ) -> BlockFit:
     """Adam on the kept weights of a block, masks fixed (or moving within N:M groups).
@@ -142,14 +170,60 @@ def fit_block(
         otherwise both are NaN.
     per_token: the loss is each token's squared error relative to its target's squared norm,
         averaged (see ``_mse``); else the plain mean squared error.
+    lr: Adam's learning rate, or a list of them: the block is fitted from the start at each, and
+        the fit with the lowest loss on ``PROBE_BATCHES`` evenly spaced batches is returned.
+    guard: the start competes too: where every fit raised that loss, the starting weights are
+        returned (``BlockFit.lr`` is then 0).
     """
-    if epochs < 0 or lr <= 0 or accumulate < 1:
-        raise ValueError(f"{_where(layer_name)}: epochs must be >= 0, lr > 0 and accumulate >= 1")
+    if epochs < 0 or accumulate < 1:
+        raise ValueError(f"{_where(layer_name)}: epochs must be >= 0 and accumulate >= 1")
     if lr_scale not in ("absolute", "weight_rms"):
         raise ValueError(f"{_where(layer_name)}: lr_scale must be 'absolute' or 'weight_rms', not {lr_scale!r}")
     if mask_moves and (nm is None or shadow is None or col_scale is None):
         raise ValueError("mask_moves needs nm, shadow and col_scale")
-    keep = {k: v.to(torch.bool) for k, v in keep.items()}
+    lrs = [lr] if isinstance(lr, (int, float)) else list(lr)
+    if not lrs or any(not x > 0 for x in lrs):
+        raise ValueError(f"{_where(layer_name)}: lr must be > 0, or a non-empty list of such")
+    keep0 = {k: v.to(torch.bool) for k, v in keep.items()}
+    start = {k: (w.detach().to(torch.float32) * keep0[k]) for k, w in weights.items()}
+    nb = len(targets)
+    before = _loss(forward, start, targets, per_token) if measure else float("nan")
+    choose = guard or len(lrs) > 1
+    probe = sorted({round(i * (nb - 1) / max(PROBE_BATCHES - 1, 1)) for i in range(min(nb, PROBE_BATCHES))})
+
+    def probe_loss(params: Mapping[str, torch.Tensor]) -> float:
+        if any(not bool(torch.isfinite(v).all()) for v in params.values()):
+            return float("inf")
+        with torch.no_grad():
+            return sum(float(_mse(forward, params, targets, b, per_token)) for b in probe) / max(len(probe), 1)
+
+    probes = [probe_loss(start)] if guard else []
+    best = None  # (probe loss, lr, the fit)
+    for x in lrs:
+        fit = _adam(forward, weights, keep0, targets, epochs=epochs, lr=x, lr_scale=lr_scale, accumulate=accumulate,
+                    seed=seed, mask_moves=mask_moves, shadow=shadow, col_scale=col_scale, nm=nm, per_token=per_token)  # fmt: skip
+        if not choose:
+            best = (0.0, x, fit)
+            break
+        probes.append(probe_loss(fit[0]))
+        if best is None or probes[-1] < best[0]:
+            best = (probes[-1], x, fit)
+    fitted, kept, history, changes, total = best[2]
+    chosen = best[1]
+    if guard and not best[0] < probes[0]:  # every fit raised the loss: keep the block as it was
+        fitted, kept, chosen = start, keep0, 0.0
+    bad = next((k for k, v in fitted.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise NonFiniteError(f"{_where(layer_name)}: local reconstruction produced non-finite weights in {bad}")
+    after = _loss(forward, fitted, targets, per_token) if measure else float("nan")
+    return BlockFit(fitted, kept, before, after, total, changes, history, chosen, probes)
+
+
+def _adam(forward, weights, keep, targets, *, epochs, lr, lr_scale, accumulate, seed, mask_moves, shadow, col_scale, nm,
+          per_token):  # fmt: skip
+    """One fit from ``weights`` at ``lr`` (``fit_block``'s loop): the fitted weights, the kept
+    positions, the training loss of each epoch, the mask moves and the number of steps."""
+    keep = dict(keep)
     params = {}
     for k, w in weights.items():
         start = w.detach().to(torch.float32).clone()
@@ -163,7 +237,6 @@ def fit_block(
         return {k: v * keep[k] for k, v in p.items()}
 
     nb = len(targets)
-    before = _loss(forward, effective(params), targets, per_token) if measure else float("nan")
     steps_per_epoch = math.ceil(nb / accumulate)
     total = steps_per_epoch * epochs
     def step_scale(k: str, v: torch.Tensor) -> float:
@@ -207,8 +280,4 @@ def fit_block(
         history.append(running / max(steps_per_epoch, 1))
     with torch.no_grad():
         fitted = {k: (v * keep[k]).detach() for k, v in params.items()}
-    for k, v in fitted.items():
-        if not bool(torch.isfinite(v).all()):
-            raise NonFiniteError(f"{_where(layer_name)}: local reconstruction produced non-finite weights in {k}")
-    after = _loss(forward, fitted, targets, per_token) if measure else float("nan")
-    return BlockFit(fitted, keep, before, after, total, changes, history)
+    return fitted, keep, history, changes, total

@@ -26,7 +26,7 @@ from ..compat.compressed_tensors import match_named_modules, suspend_offloading
 from ..compat.llmcompressor import disable_hooks
 from ..core.errors import PruningError
 from ..core.layers import weight_out_in
-from ..core.local import BlockFit, LocalReconstruction, fit_block
+from ..core.local import PROBE_BATCHES, BlockFit, LocalReconstruction, fit_block
 
 __all__ = ["TeacherStream", "LocalReconstructor", "reconstruct_layer", "layer_blocks"]
 
@@ -176,7 +176,7 @@ def reconstruct_layer(
     *,
     granularity: Granularity = "blocks",
     epochs: int = 1,
-    lr: float = 1e-4,
+    lr: float | list[float] = 1e-4,
     lr_scale: Literal["absolute", "weight_rms"] = "absolute",
     accumulate: int = 4,
     per_token: bool = False,
@@ -186,6 +186,7 @@ def reconstruct_layer(
     col_scale: dict[torch.nn.Module, torch.Tensor] | None = None,
     seed: int = 0,
     measure: bool = False,
+    guard: bool = False,
     layer_name: str = "",
 ) -> list[tuple[str, BlockFit]]:
     """Fit the kept weights of ``layer``'s pruned Linears to the dense teacher, block by block.
@@ -193,8 +194,9 @@ def reconstruct_layer(
     ``targets``: {block name: the dense block's outputs on the dense stream} (``dense_pass``).
     ``keep``: {Linear: bool (out, in), True = kept}; the layer's weights are pruned when this is
     called. ``write(module, w_out_in)`` stores a weight. ``measure``: also compute each block's
-    output error before and after (two extra passes). Returns the fit of every block. Run it
-    with every calibration hook disabled (``compat.llmcompressor.disable_hooks``).
+    output error before and after (two extra passes). ``lr`` (one or a list) and ``guard``: see
+    ``fit_block``. Returns the fit of every block. Run it with every calibration hook disabled
+    (``compat.llmcompressor.disable_hooks``).
     """
     fits = []
     for bname, block in layer_blocks(layer, set(keep), granularity):
@@ -213,7 +215,7 @@ def reconstruct_layer(
         fit = fit_block(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
             targets[bname], epochs=epochs, lr=lr, lr_scale=lr_scale, accumulate=accumulate, seed=seed, per_token=per_token,
-            mask_moves=mask_moves, nm=nm, measure=measure,
+            mask_moves=mask_moves, nm=nm, measure=measure, guard=guard,
             shadow={k: dense_weights[m] for m, k in lin.items()} if mask_moves else None,
             col_scale={k: col_scale[m] for m, k in lin.items()} if mask_moves else None,
             layer_name=f"{layer_name}.{bname}" if bname else layer_name,
@@ -224,6 +226,10 @@ def reconstruct_layer(
         fits.append((bname or "layer", fit))
         what = (f"block output error {fit.loss_before:.4g} -> {fit.loss_after:.4g}" if measure else
                 "training loss by epoch " + " -> ".join(f"{h:.4g}" for h in fit.history))
+        if fit.probe_losses:  # several learning rates, or the guard: what each gave and what was kept
+            tried = ", ".join(f"{x:g}: {p:.4g}" for x, p in zip(lr if isinstance(lr, list) else [lr], fit.probe_losses[int(guard):]))
+            what += (f", loss on {PROBE_BATCHES} windows " + (f"{fit.probe_losses[0]:.4g} before, " if guard else "")
+                     + f"after lr {tried}; " + (f"kept the fit at lr {fit.lr:g}" if fit.lr else "kept the block as pruned"))
         logger.info(f"{layer_name}.{bname or '*'}: local reconstruction, {what}"
                     + (f", {fit.mask_changes} mask moves" if mask_moves else ""))  # fmt: skip
     return fits
@@ -304,7 +310,7 @@ class LocalReconstructor:
                     layer, self.teacher, targets, keep, write, granularity=cfg.granularity, epochs=cfg.epochs,
                     lr=cfg.lr, lr_scale=cfg.lr_scale, accumulate=cfg.batch_size, per_token=cfg.loss == "token", mask_moves=cfg.mask_moves,
                     nm=self.nm, dense_weights=self._dense_weights, col_scale=self._col_scale, seed=cfg.seed,
-                    measure=cfg.log_error, layer_name=self.decoder_layers[layer],
+                    measure=cfg.log_error, guard=cfg.guard, layer_name=self.decoder_layers[layer],
                 )  # fmt: skip
         self.teacher.advance(out)
         self._epoch, self._dense_weights, self._col_scale = None, {}, {}
