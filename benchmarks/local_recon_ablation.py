@@ -45,6 +45,7 @@ P.add_argument("--epochs", type=int, default=1)
 P.add_argument("--lr", type=float, nargs="+", default=[1e-4], help="one, or several: each layer keeps the best fit")
 P.add_argument("--lr-scale", default="absolute", choices=["absolute", "weight_rms"])
 P.add_argument("--guard", action="store_true", help="fit_block's guard: keep the start where every fit raised the loss")
+P.add_argument("--trial", type=float, default=1.0, help="with several --lr: fraction of the fit after which they are compared")
 P.add_argument("--gbs", type=int, default=4, help="sequences per Adam step")
 P.add_argument("--moves", action="store_true")
 P.add_argument("--tokloss", action="store_true")
@@ -218,7 +219,7 @@ def grad_recon(layer, X_s, kw, units, masks, X_d_targets):
         def forward(params, b):
             return out0(torch.func.functional_call(unit, dict(params), (ins[b],), kwb, strict=False))
         t0 = time.perf_counter()
-        fit = fit_block(forward, weights, keep, tgts, epochs=int(a.epochs), lr=a.lr, lr_scale=a.lr_scale, guard=a.guard, accumulate=a.gbs,
+        fit = fit_block(forward, weights, keep, tgts, epochs=int(a.epochs), lr=a.lr, lr_scale=a.lr_scale, guard=a.guard, trial=a.trial, accumulate=a.gbs,
                         mask_moves=a.moves, shadow=shadow, col_scale=scale, nm=(2, 4), per_token=a.tokloss)
         with torch.no_grad():
             if a.norms:
@@ -229,7 +230,7 @@ def grad_recon(layer, X_s, kw, units, masks, X_d_targets):
                 m.weight.data.copy_(fit.weights[f"{n}.weight"])
                 masks[m] = ~fit.keep[f"{n}.weight"]
         log.append((type(unit).__name__, fit.loss_before, fit.loss_after, fit.mask_changes, round(time.perf_counter() - t0, 1))
-                   + ((fit.lr, fit.probe_losses) if fit.probe_losses else ()))
+                   + ((fit.lr, fit.probe_losses, fit.probe_final) if fit.probe_losses else ()))
     return log
 
 

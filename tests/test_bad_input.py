@@ -25,6 +25,9 @@ RECIPES = {
     "zero in a list of learning rates": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
                                          "      mask_structure: '2:4'\n      local_reconstruction:\n        lr: [1.0e-3, 0]\n",
                                          "local_reconstruction.lr: Value error, each learning rate must be in (0, 1], not 0.0"),
+    "a trial fraction above 1": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
+                                 "      mask_structure: '2:4'\n      local_reconstruction:\n        lr: [1.0e-3, 1.0e-4]\n"
+                                 "        trial: 1.5\n", "local_reconstruction.trial: Input should be less than or equal to 1"),
 }  # fmt: skip
 
 

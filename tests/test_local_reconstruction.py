@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 import crepe_plugin  # noqa: F401
 from crepe_plugin.checkpoint.verify import verify_checkpoint
@@ -248,41 +249,107 @@ def test_weight_rms_lr_scale_is_invariant_to_the_weights_scale():
 
 def test_several_learning_rates_keep_the_best_fit_and_the_guard_keeps_the_start():
     """A learning rate too large for the block raises its error. Given several, the block keeps
-    the fit with the lowest loss on the probe batches, whatever their order; with the guard, the
-    start competes too, so the block is never returned worse than it came."""
+    the fit with the lowest loss on the held-out batches, whatever their order; with the guard,
+    the start competes too, so the block is never returned worse than it came."""
     w, pruned, keep, targets, forward = _linear_problem(seed=2)
     plain = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=0.5)
     assert plain.loss_after > plain.loss_before and plain.probe_losses == []  # the large step raises the error
+    assert plain.held_out == 0 and plain.steps == len(targets)  # one rate, no guard: every batch is trained on
     both = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=[0.5, 0.05])
     assert both.lr == 0.05 and both.probe_losses[0] > both.probe_losses[1]
-    assert both.loss_after < both.loss_before
+    assert both.loss_after < both.loss_before and both.held_out == 1 and both.steps == len(targets) - 1
     assert torch.all(both.weights["w"][~keep] == 0) and is_nm(both.weights["w"], 2, 4)
     swapped = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=[0.05, 0.5])
     assert swapped.lr == 0.05 and torch.equal(swapped.weights["w"], both.weights["w"])
     hopeless = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=[20.0, 2.0], guard=True)
     assert hopeless.lr == 0.0 and min(hopeless.probe_losses[1:]) > hopeless.probe_losses[0]
     assert torch.equal(hopeless.weights["w"], pruned) and hopeless.loss_after == hopeless.loss_before
-    # a learning rate that works passes the guard, and gives exactly the unguarded fit
+    # a learning rate that works passes the guard, and gives exactly the fit at that rate alone
     good = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=4, lr=1e-2, guard=True)
-    same = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=4, lr=1e-2)
-    assert good.lr == 1e-2 and len(good.probe_losses) == 2 and good.probe_losses[1] < good.probe_losses[0]
-    assert torch.equal(good.weights["w"], same.weights["w"])
+    alone = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=4, lr=[1e-2, 1e-2])
+    assert good.lr == 1e-2 and len(good.probe_losses) == 2 and good.probe_final < good.probe_losses[0]
+    assert torch.equal(good.weights["w"], alone.weights["w"])
 
 
-@pytest.mark.parametrize("lr,kept", [("[1.0, 1.0e-3]", "kept the fit at lr 0.001"), ("1.0", "kept the block as pruned")])
-def test_learning_rates_and_guard_in_a_recipe_log_each_layers_choice(tmp_path, lr, kept):
-    """``lr: [...]`` and ``guard: true`` in YAML: each decoder layer logs the probe losses and
-    what it kept (an absurd learning rate loses to a sane one, or to the start under the guard),
-    and the checkpoint is still exactly 2:4."""
+def _many_batches(seed=5, batches=32):
+    """The linear problem with 32 batches, and a forward that records, in order, each batch it
+    trains on ("t") and each it only evaluates ("e")."""
+    w, pruned, keep, _, _ = _linear_problem(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(24, w.shape[1], generator=g) for _ in range(batches)]
+    targets = [x @ w.T for x in xs]
+    events = []
+
+    def forward(params, b):
+        events.append(("t" if torch.is_grad_enabled() and params["w"].requires_grad else "e", b))
+        return xs[b] @ params["w"].T
+
+    return pruned, keep, targets, forward, events
+
+
+def test_compared_fits_never_train_on_the_batches_they_are_compared_on():
+    """Fits run to the end are compared on batches held out of training (1 in 8, evenly
+    spaced). Fits compared early (``trial``) are compared on batches the first epoch has not
+    reached, and the one kept then trains on every batch. One learning rate without the guard
+    trains on every batch and evaluates none."""
+    pruned, keep, targets, forward, events = _many_batches()
+    fit = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=2, lr=[1e-2, 1e-3], measure=False)
+    trained, evaluated = {b for e, b in events if e == "t"}, {b for e, b in events if e == "e"}
+    assert fit.held_out == 4 and evaluated == {4, 12, 20, 28} and trained == set(range(32)) - evaluated
+    assert not fit.trained_all
+
+    events.clear()
+    fit = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=2, lr=[1e-2, 1e-3], trial=0.1, measure=False)
+    first_eval = next(i for i, (e, _) in enumerate(events) if e == "e")
+    seen, compared = {b for e, b in events[:first_eval]}, {b for e, b in events if e == "e"}
+    assert first_eval == 7 and len(compared) == fit.held_out == 4 and not compared & seen  # pause: 7 of 64 steps
+    assert fit.trained_all and {b for e, b in events if e == "t"} == set(range(32))
+
+    events.clear()
+    fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=1e-2, measure=False)
+    assert events and all(e == "t" for e, _ in events) and {b for _, b in events} == set(range(32))
+
+
+def test_a_trial_compares_rates_early_and_runs_only_the_best_to_the_end():
+    """With ``trial`` < 1 the learning rates are compared after that fraction of the steps and
+    only the best goes on, on its own full schedule over every batch: it ends exactly where the
+    fit at that rate alone ends, and the losing rate costs only the trial's steps."""
+    pruned, keep, targets, forward, events = _many_batches(seed=2)
+    alone = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=0.05, measure=False)
+    events.clear()
+    early = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=1, lr=[0.5, 0.05], trial=0.25, measure=False)
+    assert early.lr == 0.05 and early.probe_losses[0] > early.probe_losses[1]
+    assert torch.equal(early.weights["w"], alone.weights["w"]) and early.steps == alone.steps == 32
+    assert sum(e == "t" for e, _ in events) == 32 + 8  # the losing rate ran 8 steps
+    assert early.probe_final < early.probe_losses[1]  # the rest of the fit lowered the loss further
+    with pytest.raises(ValueError, match="trial"):
+        fit_block(forward, {"w": pruned}, {"w": keep}, targets, lr=[0.5, 0.05], trial=0.0)
+    with pytest.raises(ValidationError):
+        LocalReconstruction(trial=1.5)
+
+
+@pytest.mark.parametrize(
+    "lr,extra,kept",
+    [
+        ("[1.0, 1.0e-3]", "        guard: true\n", "kept the fit at lr 0.001"),
+        ("1.0", "        guard: true\n", "kept the block as pruned"),
+        ("[1.0, 1.0e-3]", "        trial: 0.25\n", "at 0.25 of the fit with lr 1: "),  # compared early, then 1e-3 goes on
+    ],
+)
+def test_learning_rates_and_guard_in_a_recipe_log_each_layers_choice(tmp_path, lr, extra, kept):
+    """``lr: [...]``, ``trial`` and ``guard: true`` in YAML: each decoder layer logs the losses
+    compared and what it kept (an absurd learning rate loses to a sane one, or to the start
+    under the guard), and the checkpoint is still exactly 2:4."""
     from loguru import logger
 
     lines = []
-    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: ", loss on 16 windows" in r["message"])
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: "not trained on" in r["message"])
     try:
         out = tmp_path / "out"
-        _run(str(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(epochs=1, lr=lr, extra="        guard: true\n"), out)
+        _run(str(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(epochs=1, lr=lr, extra=extra), out)
     finally:
         logger.remove(sink)
     assert len(lines) == 2 and all(kept in line for line in lines), lines
+    assert "guard" in extra or all("kept the fit at lr 0.001" in line for line in lines), lines
     rep = verify_checkpoint(out)
     assert all(l.nm_ok for l in rep.layers if l.recorded)

@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import NonFiniteError, _where
 
-__all__ = ["LocalReconstruction", "BlockFit", "fit_block", "nm_keep_from_scores", "PROBE_BATCHES"]
+__all__ = ["LocalReconstruction", "BlockFit", "fit_block", "nm_keep_from_scores", "HELD_OUT"]
 
-PROBE_BATCHES = 16  # calibration batches on which fits at several learning rates (and the start) are compared
+HELD_OUT = 8  # fits are compared on 1 calibration window in HELD_OUT: windows not yet trained on at the comparison
 
 
 class LocalReconstruction(BaseModel):
@@ -45,7 +45,15 @@ class LocalReconstruction(BaseModel):
     lr: float | list[float] = Field(
         1e-4,
         description="Adam's learning rate (cosine decay to 0); or a list of up to 4: each decoder layer is fitted at "
-        "each and keeps the fit with the lowest loss on 16 calibration windows",
+        "each and keeps the fit with the lowest loss on calibration windows not trained on (1 in 8)",
+    )
+    trial: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="with several learning rates: the fraction of the fit's steps after which they are compared, on "
+        "windows the first epoch has not reached yet; only the best goes on, over every window (1: each runs to the "
+        "end, and the windows compared on are held out of training)",
     )
     lr_scale: Literal["absolute", "weight_rms"] = Field(
         "absolute",
@@ -65,8 +73,8 @@ class LocalReconstruction(BaseModel):
     )
     guard: bool = Field(
         False,
-        description="compare the block's loss before and after the fit on 16 calibration windows, and keep the block "
-        "as pruned where every fit raised it",
+        description="the block as pruned competes with the fits, on the same windows and at the same point, and is "
+        "kept where every fit raised the loss",
     )
     log_error: bool = Field(
         False,
@@ -92,8 +100,11 @@ class BlockFit:
     """What ``fit_block`` returns: the fitted weights (float32, exactly zero where pruned), the
     kept positions, and the block's mean squared output error before and after (NaN unless
     measured). ``lr``: the learning rate of the fit returned (0: the guard kept the start);
-    ``probe_losses``: the loss on the probe batches at the start (with ``guard``) and after each
-    fit tried, in order (empty when one learning rate is fitted without the guard)."""
+    ``probe_losses``: the loss on the batches compared on, at the start (with ``guard``) and, for
+    each learning rate in order, at the point of comparison (empty when one learning rate is
+    fitted without the guard); ``probe_final``: that loss at the end of the fit kept (NaN when
+    nothing was compared); ``held_out``: how many batches were compared on; ``trained_all``:
+    whether the fit kept trained on every batch (False when they were held out)."""
 
     weights: dict[str, torch.Tensor]
     keep: dict[str, torch.Tensor]
@@ -104,6 +115,9 @@ class BlockFit:
     history: list[float] = field(default_factory=list)
     lr: float = 0.0
     probe_losses: list[float] = field(default_factory=list)
+    probe_final: float = float("nan")
+    held_out: int = 0
+    trained_all: bool = True
 
 
 def nm_keep_from_scores(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -151,6 +165,7 @@ def fit_block(
     measure: bool = True,
     per_token: bool = False,
     guard: bool = False,
+    trial: float = 1.0,
     layer_name: str | None = None,
 ) -> BlockFit:
     """Adam on the kept weights of a block, masks fixed (or moving within N:M groups).
@@ -171,9 +186,17 @@ def fit_block(
     per_token: the loss is each token's squared error relative to its target's squared norm,
         averaged (see ``_mse``); else the plain mean squared error.
     lr: Adam's learning rate, or a list of them: the block is fitted from the start at each, and
-        the fit with the lowest loss on ``PROBE_BATCHES`` evenly spaced batches is returned.
-    guard: the start competes too: where every fit raised that loss, the starting weights are
-        returned (``BlockFit.lr`` is then 0).
+        the fit with the lowest loss on batches none of the fits has trained on (1 in
+        ``HELD_OUT``) is returned.
+    trial: with several learning rates, the fraction of the steps after which they are
+        compared. If the first epoch has not reached every batch by then, they are compared on
+        batches it has not reached (evenly spaced in its order), and only the best runs on, on
+        its own full schedule over every batch: it ends exactly as it would have alone. If it has
+        (``trial`` 1, or a pause after the first epoch), the batches compared on are held out of
+        training (evenly spaced), for every fit.
+    guard: the start competes too, on the same batches at the same point: where every fit
+        raised the loss, the starting weights are returned (``BlockFit.lr`` is then 0). With the
+        guard alone every fit runs to the end, on the batches not held out.
     """
     if epochs < 0 or accumulate < 1:
         raise ValueError(f"{_where(layer_name)}: epochs must be >= 0 and accumulate >= 1")
@@ -184,45 +207,68 @@ def fit_block(
     lrs = [lr] if isinstance(lr, (int, float)) else list(lr)
     if not lrs or any(not x > 0 for x in lrs):
         raise ValueError(f"{_where(layer_name)}: lr must be > 0, or a non-empty list of such")
+    if not 0.0 < trial <= 1.0:
+        raise ValueError(f"{_where(layer_name)}: trial must be in (0, 1], not {trial}")
     keep0 = {k: v.to(torch.bool) for k, v in keep.items()}
     start = {k: (w.detach().to(torch.float32) * keep0[k]) for k, w in weights.items()}
     nb = len(targets)
     before = _loss(forward, start, targets, per_token) if measure else float("nan")
     choose = guard or len(lrs) > 1
-    probe = sorted({round(i * (nb - 1) / max(PROBE_BATCHES - 1, 1)) for i in range(min(nb, PROBE_BATCHES))})
+    n_probe = max(1, nb // HELD_OUT)
+    total = math.ceil(nb / accumulate) * epochs
+    pause = max(1, math.ceil(trial * total)) if len(lrs) > 1 else total
+    unseen = _epoch_orders(list(range(nb)), 1, seed)[0][pause * accumulate :] if choose else []
+    if unseen:  # compared on batches the first epoch has not reached at the pause: nothing is held out
+        probe, train = _spread(unseen, n_probe), list(range(nb))
+    else:  # held out of every fit (a single batch: compared on the one it trains on)
+        probe = _spread(list(range(nb)), n_probe) if choose and nb >= 2 else []
+        train = [b for b in range(nb) if b not in set(probe)]
+        probe = probe or train
+        total = math.ceil(len(train) / accumulate) * epochs
+        pause = max(1, math.ceil(trial * total)) if len(lrs) > 1 else total
 
     def probe_loss(params: Mapping[str, torch.Tensor]) -> float:
         if any(not bool(torch.isfinite(v).all()) for v in params.values()):
             return float("inf")
         with torch.no_grad():
-            return sum(float(_mse(forward, params, targets, b, per_token)) for b in probe) / max(len(probe), 1)
+            return sum(float(_mse(forward, params, targets, b, per_token)) for b in probe) / len(probe)
 
     probes = [probe_loss(start)] if guard else []
-    best = None  # (probe loss, lr, the fit)
+    best = None  # (probe loss at the pause, lr, the paused fit)
     for x in lrs:
-        fit = _adam(forward, weights, keep0, targets, epochs=epochs, lr=x, lr_scale=lr_scale, accumulate=accumulate,
-                    seed=seed, mask_moves=mask_moves, shadow=shadow, col_scale=col_scale, nm=nm, per_token=per_token)  # fmt: skip
+        run = _adam(forward, weights, keep0, targets, train, epochs=epochs, lr=x, lr_scale=lr_scale, accumulate=accumulate,
+                    seed=seed, mask_moves=mask_moves, shadow=shadow, col_scale=col_scale, nm=nm, per_token=per_token,
+                    pause=pause)  # fmt: skip
+        paused = next(run)
         if not choose:
-            best = (0.0, x, fit)
+            best = (0.0, x, run)
             break
-        probes.append(probe_loss(fit[0]))
+        probes.append(probe_loss(paused))
         if best is None or probes[-1] < best[0]:
-            best = (probes[-1], x, fit)
-    fitted, kept, history, changes, total = best[2]
+            best = (probes[-1], x, run)
+    try:
+        next(best[2])
+        raise RuntimeError("_adam yields once")
+    except StopIteration as done:
+        fitted, kept, history, changes, steps = done.value
     chosen = best[1]
-    if guard and not best[0] < probes[0]:  # every fit raised the loss: keep the block as it was
+    final = (best[0] if pause == total else probe_loss(fitted)) if choose else float("nan")
+    if guard and not best[0] < probes[0]:  # every fit raised the loss where they were compared: keep the block
         fitted, kept, chosen = start, keep0, 0.0
     bad = next((k for k, v in fitted.items() if not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise NonFiniteError(f"{_where(layer_name)}: local reconstruction produced non-finite weights in {bad}")
     after = _loss(forward, fitted, targets, per_token) if measure else float("nan")
-    return BlockFit(fitted, kept, before, after, total, changes, history, chosen, probes)
+    return BlockFit(fitted, kept, before, after, steps, changes, history, chosen, probes, final,
+                    len(probe) if choose else 0, len(train) == nb)  # fmt: skip
 
 
-def _adam(forward, weights, keep, targets, *, epochs, lr, lr_scale, accumulate, seed, mask_moves, shadow, col_scale, nm,
-          per_token):  # fmt: skip
-    """One fit from ``weights`` at ``lr`` (``fit_block``'s loop): the fitted weights, the kept
-    positions, the training loss of each epoch, the mask moves and the number of steps."""
+def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accumulate, seed, mask_moves, shadow,
+          col_scale, nm, per_token, pause):  # fmt: skip
+    """One fit from ``weights`` at ``lr`` on the batches ``train`` (``fit_block``'s loop), as a
+    generator: it yields the weights once, after ``pause`` steps (at most all of them), and
+    returns the fitted weights, the kept positions, the training loss of each epoch, the mask
+    moves and the number of steps."""
     keep = dict(keep)
     params = {}
     for k, w in weights.items():
@@ -236,9 +282,10 @@ def _adam(forward, weights, keep, targets, *, epochs, lr, lr_scale, accumulate, 
             return {k: v + (v * keep[k] - v).detach() for k, v in p.items()}
         return {k: v * keep[k] for k, v in p.items()}
 
-    nb = len(targets)
+    nb = len(train)
     steps_per_epoch = math.ceil(nb / accumulate)
     total = steps_per_epoch * epochs
+    pause, done = min(pause, total), 0
     def step_scale(k: str, v: torch.Tensor) -> float:
         """1, or with 'weight_rms' the RMS of the kept entries (1 where there is none to measure)."""
         if lr_scale == "absolute" or not bool(keep[k].any()):
@@ -248,9 +295,8 @@ def _adam(forward, weights, keep, targets, *, epochs, lr, lr_scale, accumulate, 
 
     opt = torch.optim.Adam([{"params": [v], "lr": lr * step_scale(k, v)} for k, v in params.items()], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
-    gen = torch.Generator().manual_seed(seed)
     history, changes = [], 0
-    for epoch in range(epochs):
+    for epoch, order in enumerate(_epoch_orders(train, epochs, seed)):
         if mask_moves and epoch > 0:
             n, m = nm
             with torch.no_grad():
@@ -258,7 +304,6 @@ def _adam(forward, weights, keep, targets, *, epochs, lr, lr_scale, accumulate, 
                     new = nm_keep_from_scores(v.abs() * col_scale[k].to(v).reshape(1, -1), n, m)
                     changes += int((new != keep[k]).sum()) // 2
                     keep[k] = new
-        order = torch.randperm(nb, generator=gen).tolist()
         running = 0.0
         for s in range(steps_per_epoch):
             chunk = order[s * accumulate : (s + 1) * accumulate]
@@ -277,7 +322,23 @@ def _adam(forward, weights, keep, targets, *, epochs, lr, lr_scale, accumulate, 
                 with torch.no_grad():
                     for k, v in params.items():
                         v.mul_(keep[k])
+            done += 1
+            if done == pause < total:  # not under no_grad: a yield there would leave gradients off in the caller
+                yield {k: (v * keep[k]).detach() for k, v in params.items()}
         history.append(running / max(steps_per_epoch, 1))
-    with torch.no_grad():
-        fitted = {k: (v * keep[k]).detach() for k, v in params.items()}
+    fitted = {k: (v * keep[k]).detach() for k, v in params.items()}
+    if pause == total:
+        yield fitted
     return fitted, keep, history, changes, total
+
+
+def _epoch_orders(train: list[int], epochs: int, seed: int) -> list[list[int]]:
+    """The order in which ``_adam`` visits the batches ``train`` in each epoch (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[train[i] for i in torch.randperm(len(train), generator=gen).tolist()] for _ in range(epochs)]
+
+
+def _spread(items: list[int], k: int) -> list[int]:
+    """``min(k, len(items))`` elements of ``items``, evenly spaced (the centres of equal parts), sorted."""
+    k = min(k, len(items))
+    return sorted(items[(2 * i + 1) * len(items) // (2 * k)] for i in range(k))

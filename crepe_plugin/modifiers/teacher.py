@@ -26,7 +26,7 @@ from ..compat.compressed_tensors import match_named_modules, suspend_offloading
 from ..compat.llmcompressor import disable_hooks
 from ..core.errors import PruningError
 from ..core.layers import weight_out_in
-from ..core.local import PROBE_BATCHES, BlockFit, LocalReconstruction, fit_block
+from ..core.local import BlockFit, LocalReconstruction, fit_block
 
 __all__ = ["TeacherStream", "LocalReconstructor", "reconstruct_layer", "layer_blocks"]
 
@@ -187,6 +187,7 @@ def reconstruct_layer(
     seed: int = 0,
     measure: bool = False,
     guard: bool = False,
+    trial: float = 1.0,
     layer_name: str = "",
 ) -> list[tuple[str, BlockFit]]:
     """Fit the kept weights of ``layer``'s pruned Linears to the dense teacher, block by block.
@@ -194,7 +195,7 @@ def reconstruct_layer(
     ``targets``: {block name: the dense block's outputs on the dense stream} (``dense_pass``).
     ``keep``: {Linear: bool (out, in), True = kept}; the layer's weights are pruned when this is
     called. ``write(module, w_out_in)`` stores a weight. ``measure``: also compute each block's
-    output error before and after (two extra passes). ``lr`` (one or a list) and ``guard``: see
+    output error before and after (two extra passes). ``lr`` (one or a list), ``trial`` and ``guard``: see
     ``fit_block``. Returns the fit of every block. Run it with every calibration hook disabled
     (``compat.llmcompressor.disable_hooks``).
     """
@@ -215,7 +216,7 @@ def reconstruct_layer(
         fit = fit_block(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
             targets[bname], epochs=epochs, lr=lr, lr_scale=lr_scale, accumulate=accumulate, seed=seed, per_token=per_token,
-            mask_moves=mask_moves, nm=nm, measure=measure, guard=guard,
+            mask_moves=mask_moves, nm=nm, measure=measure, guard=guard, trial=trial,
             shadow={k: dense_weights[m] for m, k in lin.items()} if mask_moves else None,
             col_scale={k: col_scale[m] for m, k in lin.items()} if mask_moves else None,
             layer_name=f"{layer_name}.{bname}" if bname else layer_name,
@@ -228,8 +229,10 @@ def reconstruct_layer(
                 "training loss by epoch " + " -> ".join(f"{h:.4g}" for h in fit.history))
         if fit.probe_losses:  # several learning rates, or the guard: what each gave and what was kept
             tried = ", ".join(f"{x:g}: {p:.4g}" for x, p in zip(lr if isinstance(lr, list) else [lr], fit.probe_losses[int(guard):]))
-            what += (f", loss on {PROBE_BATCHES} windows " + (f"{fit.probe_losses[0]:.4g} before, " if guard else "")
-                     + f"after lr {tried}; " + (f"kept the fit at lr {fit.lr:g}" if fit.lr else "kept the block as pruned"))
+            at = "after" if trial >= 1 or len(fit.probe_losses) - int(guard) < 2 else f"at {trial:g} of the fit with"
+            what += (f", loss on {fit.held_out} window(s) not trained on " + (f"{fit.probe_losses[0]:.4g} before, " if guard else "")
+                     + f"{at} lr {tried}; " + (f"kept the fit at lr {fit.lr:g} ({fit.probe_final:.4g} at its end)" if fit.lr else
+                                               "kept the block as pruned"))
         logger.info(f"{layer_name}.{bname or '*'}: local reconstruction, {what}"
                     + (f", {fit.mask_changes} mask moves" if mask_moves else ""))  # fmt: skip
     return fits
@@ -310,7 +313,7 @@ class LocalReconstructor:
                     layer, self.teacher, targets, keep, write, granularity=cfg.granularity, epochs=cfg.epochs,
                     lr=cfg.lr, lr_scale=cfg.lr_scale, accumulate=cfg.batch_size, per_token=cfg.loss == "token", mask_moves=cfg.mask_moves,
                     nm=self.nm, dense_weights=self._dense_weights, col_scale=self._col_scale, seed=cfg.seed,
-                    measure=cfg.log_error, guard=cfg.guard, layer_name=self.decoder_layers[layer],
+                    measure=cfg.log_error, guard=cfg.guard, trial=cfg.trial, layer_name=self.decoder_layers[layer],
                 )  # fmt: skip
         self.teacher.advance(out)
         self._epoch, self._dense_weights, self._col_scale = None, {}, {}
