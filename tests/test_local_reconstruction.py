@@ -274,15 +274,12 @@ def test_several_learning_rates_keep_the_best_fit_and_the_guard_keeps_the_start(
 def _many_batches(seed=5, batches=32):
     """The linear problem with 32 batches, and a forward that records, in order, each batch it
     trains on ("t") and each it only evaluates ("e")."""
-    w, pruned, keep, _, _ = _linear_problem(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(24, w.shape[1], generator=g) for _ in range(batches)]
-    targets = [x @ w.T for x in xs]
+    _, pruned, keep, targets, plain = _linear_problem(seed=seed, batches=batches)
     events = []
 
     def forward(params, b):
         events.append(("t" if torch.is_grad_enabled() and params["w"].requires_grad else "e", b))
-        return xs[b] @ params["w"].T
+        return plain(params, b)
 
     return pruned, keep, targets, forward, events
 

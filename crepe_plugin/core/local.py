@@ -215,8 +215,13 @@ def fit_block(
     before = _loss(forward, start, targets, per_token) if measure else float("nan")
     choose = guard or len(lrs) > 1
     n_probe = max(1, nb // HELD_OUT)
-    total = math.ceil(nb / accumulate) * epochs
-    pause = max(1, math.ceil(trial * total)) if len(lrs) > 1 else total
+
+    def schedule(n_train: int) -> tuple[int, int]:
+        """All steps of a fit on ``n_train`` batches, and the step after which fits are compared."""
+        steps = math.ceil(n_train / accumulate) * epochs
+        return steps, max(1, math.ceil(trial * steps)) if len(lrs) > 1 else steps
+
+    total, pause = schedule(nb)
     unseen = _epoch_orders(list(range(nb)), 1, seed)[0][pause * accumulate :] if choose else []
     if unseen:  # compared on batches the first epoch has not reached at the pause: nothing is held out
         probe, train = _spread(unseen, n_probe), list(range(nb))
@@ -224,8 +229,7 @@ def fit_block(
         probe = _spread(list(range(nb)), n_probe) if choose and nb >= 2 else []
         train = [b for b in range(nb) if b not in set(probe)]
         probe = probe or train
-        total = math.ceil(len(train) / accumulate) * epochs
-        pause = max(1, math.ceil(trial * total)) if len(lrs) > 1 else total
+        total, pause = schedule(len(train))
 
     def probe_loss(params: Mapping[str, torch.Tensor]) -> float:
         if any(not bool(torch.isfinite(v).all()) for v in params.values()):

@@ -228,8 +228,9 @@ def reconstruct_layer(
         what = (f"block output error {fit.loss_before:.4g} -> {fit.loss_after:.4g}" if measure else
                 "training loss by epoch " + " -> ".join(f"{h:.4g}" for h in fit.history))
         if fit.probe_losses:  # several learning rates, or the guard: what each gave and what was kept
-            tried = ", ".join(f"{x:g}: {p:.4g}" for x, p in zip(lr if isinstance(lr, list) else [lr], fit.probe_losses[int(guard):]))
-            at = "after" if trial >= 1 or len(fit.probe_losses) - int(guard) < 2 else f"at {trial:g} of the fit with"
+            rates = lr if isinstance(lr, list) else [lr]
+            tried = ", ".join(f"{x:g}: {p:.4g}" for x, p in zip(rates, fit.probe_losses[int(guard):]))
+            at = "after" if trial >= 1 or len(rates) < 2 else f"at {trial:g} of the fit with"
             what += (f", loss on {fit.held_out} window(s) not trained on " + (f"{fit.probe_losses[0]:.4g} before, " if guard else "")
                      + f"{at} lr {tried}; " + (f"kept the fit at lr {fit.lr:g} ({fit.probe_final:.4g} at its end)" if fit.lr else
                                                "kept the block as pruned"))
