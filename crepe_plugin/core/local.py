@@ -278,7 +278,7 @@ def fit_block(
 
 
 def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accumulate, seed, mask_moves, shadow,
-          col_scale, nm, per_token, pause, compute_dtype=torch.float32):  # fmt: skip
+          col_scale, nm, per_token, pause, compute_dtype):  # fmt: skip
     """One fit from ``weights`` at ``lr`` on the batches ``train`` (``fit_block``'s loop), as a
     generator: it yields the weights once, after ``pause`` steps (at most all of them), and
     returns the fitted weights, the kept positions, the training loss of each epoch, the mask
