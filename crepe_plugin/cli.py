@@ -139,8 +139,9 @@ def _search_validate_arguments(sub) -> None:
 
 
 def _demo_arguments(sub) -> None:
-    de = _subcommand(sub, "demo", "SmolLM2-135M at 2:4: Wanda, SparseGPT, CRePE's defaults and the best recipe (saved, verified)",
-                     "example:\n  crepe demo --out crepe-demo\n  crepe demo --quick   (without the SparseGPT row)")  # fmt: skip
+    de = _subcommand(sub, "demo", "SmolLM2-135M at 2:4: SparseGPT and the best recipe (saved, verified); --full adds Wanda and CRePE's defaults",
+                     "example:\n  crepe demo --out crepe-demo\n  crepe demo --full    (also Wanda and CRePE's defaults)\n"
+                     "  crepe demo --quick   (without the SparseGPT row)")  # fmt: skip
     de.add_argument("--out", default="crepe-demo")
     de.add_argument("--data-dir", default=None, help="folder holding wikitext2/ (default: $CREPE_DATA_DIR or ../shared/data)")
     de.add_argument("--num-samples", type=int, default=64)
@@ -148,6 +149,7 @@ def _demo_arguments(sub) -> None:
     de.add_argument("--eval-seqlen", type=int, default=1024)
     de.add_argument("--max-segments", type=int, default=16)
     de.add_argument("--quick", action="store_true", help="skip the SparseGPT row (the slowest baseline)")
+    de.add_argument("--full", action="store_true", help="also run Wanda and CRePE's scoring-only defaults (about 8 more minutes)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,7 +373,7 @@ def _search_validate(args) -> int:
 def _demo(args) -> int:
     from .demo import demo
 
-    demo(args.out, args.data_dir, args.num_samples, args.seqlen, args.eval_seqlen, args.max_segments, quick=args.quick)
+    demo(args.out, args.data_dir, args.num_samples, args.seqlen, args.eval_seqlen, args.max_segments, quick=args.quick, full=args.full)
     return 0
 
 

@@ -51,6 +51,21 @@ def test_demo_recipes_exist_and_parse():
     from crepe_plugin.demo import DEMO_ROWS, ROOT
     from crepe_plugin.pipeline import load_recipe
 
-    for _, recipe, _ in DEMO_ROWS:
+    for _, recipe, _, _ in DEMO_ROWS:
         r = load_recipe(recipe if "\n" in recipe else ROOT / "recipes" / recipe)
         assert len(r.modifiers) == 1
+
+
+def test_demo_rows_default_full_and_quick():
+    from crepe_plugin.demo import demo_rows
+
+    def names(rows):
+        return [label.split(" (")[0] for label, _, _ in rows]
+
+    assert names(demo_rows()) == ["SparseGPT 2:4", "CRePE best 2:4"]
+    assert names(demo_rows(full=True)) == ["Wanda 2:4", "SparseGPT 2:4", "CRePE 2:4, defaults", "CRePE best 2:4"]
+    assert names(demo_rows(quick=True)) == ["CRePE best 2:4"]
+    assert names(demo_rows(full=True, quick=True)) == ["Wanda 2:4", "CRePE 2:4, defaults", "CRePE best 2:4"]
+    # exactly one row is saved and verified, and it is the shipped best recipe in every selection
+    for rows in (demo_rows(), demo_rows(full=True), demo_rows(quick=True)):
+        assert [r for _, r, save in rows if save] == ["crepe_best_2of4.yaml"]
