@@ -50,6 +50,7 @@ P.add_argument("--gbs", type=int, default=4, help="sequences per Adam step")
 P.add_argument("--moves", action="store_true")
 P.add_argument("--tokloss", action="store_true")
 P.add_argument("--bf16", action="store_true", help="fit_block's compute_dtype bfloat16 (autocast training steps)")
+P.add_argument("--bf16-bwd", action="store_true", help="fit_block's backward_dtype bfloat16 (the Linears' gradient products)")
 P.add_argument("--norms", action="store_true", help="also train norm weights")
 P.add_argument("--eval-segments", type=int, default=16)
 P.add_argument("--layers", type=int, default=0, help="only first N layers (debug)")
@@ -222,7 +223,8 @@ def grad_recon(layer, X_s, kw, units, masks, X_d_targets):
         t0 = time.perf_counter()
         fit = fit_block(forward, weights, keep, tgts, epochs=int(a.epochs), lr=a.lr, lr_scale=a.lr_scale, guard=a.guard, trial=a.trial, accumulate=a.gbs,
                         mask_moves=a.moves, shadow=shadow, col_scale=scale, nm=(2, 4), per_token=a.tokloss,
-                        compute_dtype=torch.bfloat16 if a.bf16 else torch.float32)
+                        compute_dtype=torch.bfloat16 if a.bf16 else torch.float32,
+                        backward_dtype=torch.bfloat16 if a.bf16_bwd else torch.float32)
         with torch.no_grad():
             if a.norms:
                 for pn, p in unit.named_parameters():

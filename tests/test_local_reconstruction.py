@@ -11,7 +11,7 @@ from pydantic import ValidationError
 import crepe_plugin  # noqa: F401
 from crepe_plugin.checkpoint.verify import verify_checkpoint
 from crepe_plugin.core import is_nm, nm_mask
-from crepe_plugin.core.local import LocalReconstruction, fit_block, nm_keep_from_scores
+from crepe_plugin.core.local import LocalReconstruction, fit_block, low_precision_linear_grads, nm_keep_from_scores
 from crepe_plugin.testing import save_tiny_llama, tiny_tokenizer
 
 from .conftest import calib_dataset
@@ -378,20 +378,67 @@ def test_bfloat16_compute_runs_the_training_steps_in_bfloat16_and_fits_as_float3
         LocalReconstruction(compute_dtype="float16")
 
 
+def test_bfloat16_backward_rounds_only_the_linears_gradient_products():
+    """``low_precision_linear_grads(bfloat16)``: F.linear's output is exactly float32's, and its
+    input, weight and bias gradients are the bfloat16 products of the incoming gradient, within
+    bfloat16's rounding of the float32 ones; float32 is a no-op."""
+    g = torch.Generator().manual_seed(4)
+    x0, w0, b0 = torch.randn(3, 40, 64, generator=g), torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    up = torch.randn(3, 40, 48, generator=g)  # the gradient arriving from above
+
+    def run(dtype):
+        x, w, b = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
+        with low_precision_linear_grads(dtype):
+            y = torch.nn.functional.linear(x, w, bias=b)
+        y.backward(up)
+        return y.detach(), x.grad, w.grad, b.grad
+
+    y32, gx32, gw32, gb32 = run(torch.float32)
+    y16, gx16, gw16, gb16 = run(torch.bfloat16)
+    assert torch.equal(y16, y32)
+    bf = torch.bfloat16
+    assert torch.equal(gx16, (up.to(bf) @ w0.to(bf)).float())
+    assert torch.equal(gw16, (up.reshape(-1, 48).to(bf).T @ x0.reshape(-1, 64).to(bf)).float())
+    assert torch.equal(gb16, gb32)
+    for lo, hi in ((gx16, gx32), (gw16, gw32)):
+        assert not torch.equal(lo, hi) and float((lo - hi).norm() / hi.norm()) < 1e-2
+    assert torch.equal(run(torch.float32)[2], gw32)
+
+
+def test_bfloat16_backward_fits_as_float32_does():
+    """``backward_dtype=bfloat16`` in ``fit_block``: the fit keeps the mask, stays exactly 2:4, and
+    gets as far towards the optimum as the float32 fit, within a few per cent."""
+    w, pruned, keep, targets, plain = _linear_problem(seed=7)
+    xs = [plain({"w": torch.eye(w.shape[1])}, b) for b in range(len(targets))]  # the sparse stream
+
+    def forward(params, b):  # through F.linear, where the rounding applies
+        return torch.nn.functional.linear(xs[b], params["w"])
+
+    f32 = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=20, lr=1e-2)
+    low = fit_block(forward, {"w": pruned}, {"w": keep}, targets, epochs=20, lr=1e-2, backward_dtype=torch.bfloat16)
+    assert torch.equal(low.weights["w"] != 0, keep) and is_nm(low.weights["w"], 2, 4)
+    assert low.loss_before == f32.loss_before and low.loss_after < low.loss_before
+    assert abs(low.loss_after - f32.loss_after) < 0.05 * (f32.loss_before - f32.loss_after)
+    assert not torch.equal(low.weights["w"], f32.weights["w"])  # a different (rounded) path
+    with pytest.raises(ValidationError):
+        LocalReconstruction(backward_dtype="float16")
+
+
 def test_compute_dtype_in_a_recipe_reaches_the_fit(tmp_path, monkeypatch):
-    """``compute_dtype: bfloat16`` in YAML reaches each decoder layer's fit, and the checkpoint is
+    """``compute_dtype`` and ``backward_dtype: bfloat16`` in YAML reach each decoder layer's fit, and the checkpoint is
     still exactly 2:4."""
     from crepe_plugin.modifiers import teacher
 
     got, real = [], teacher.fit_block
 
     def fit_block_spy(*args, **kwargs):
-        got.append(kwargs["compute_dtype"])
+        got.append((kwargs["compute_dtype"], kwargs["backward_dtype"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(teacher, "fit_block", fit_block_spy)
     out = tmp_path / "out"
-    _run(str(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(extra="        compute_dtype: bfloat16\n"), out)
-    assert got == [torch.bfloat16, torch.bfloat16]
+    extra = "        compute_dtype: bfloat16\n        backward_dtype: bfloat16\n"
+    _run(str(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(extra=extra), out)
+    assert got == [(torch.bfloat16, torch.bfloat16)] * 2
     rep = verify_checkpoint(out)
     assert rep.ok and all(l.nm_ok for l in rep.layers if l.recorded)

@@ -18,6 +18,7 @@ batch; this module owns only the optimisation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping, Sequence
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import NonFiniteError, _where
 
-__all__ = ["LocalReconstruction", "BlockFit", "fit_block", "nm_keep_from_scores", "HELD_OUT"]
+__all__ = ["LocalReconstruction", "BlockFit", "fit_block", "low_precision_linear_grads", "nm_keep_from_scores", "HELD_OUT"]
 
 HELD_OUT = 8  # fits are compared on 1 calibration window in HELD_OUT: windows not yet trained on at the comparison
 
@@ -87,6 +88,14 @@ class LocalReconstruction(BaseModel):
         "loss and the comparison of learning rates stay float32. 'bfloat16' is about 3x faster per product on CPUs "
         "with AVX512-BF16, but it cost Gemma 3 270M much of the fit's gain (2:4 test perplexity 82.87 against 66.24 in "
         "float32; docs/method.md, session 31): keep float32 unless your own validation says otherwise",
+    )
+    backward_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="precision of the two gradient products of each Linear in the training steps' backward pass (the "
+        "forward pass, the loss, Adam and every comparison stay float32). 'bfloat16' makes those products about 3x "
+        "faster on CPUs with AVX512-BF16, but a whole prune only about 7% faster (SmolLM2, session 33: the products are "
+        "about half of a step); Gemma 3 270M's validation was 4-5% worse than float32's in another run "
+        "(docs/method.md, session 33)",
     )
     seed: int = 0
 
@@ -174,6 +183,7 @@ def fit_block(
     guard: bool = False,
     trial: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
+    backward_dtype: torch.dtype = torch.float32,
     layer_name: str | None = None,
 ) -> BlockFit:
     """Adam on the kept weights of a block, masks fixed (or moving within N:M groups).
@@ -204,6 +214,9 @@ def fit_block(
         training (evenly spaced), for every fit.
     compute_dtype: float32, or a lower precision in which the training steps' forward and backward
         passes run (``torch.autocast``); weights, Adam, the loss and every comparison stay float32.
+    backward_dtype: float32, or a lower precision for the two gradient products of every
+        ``F.linear`` in the training steps' backward pass (``low_precision_linear_grads``); the
+        forward pass stays in ``compute_dtype``.
     guard: the start competes too, on the same batches at the same point: where every fit
         raised the loss, the starting weights are returned (``BlockFit.lr`` is then 0). With the
         guard alone every fit runs to the end, on the batches not held out.
@@ -252,7 +265,7 @@ def fit_block(
     for x in lrs:
         run = _adam(forward, weights, keep0, targets, train, epochs=epochs, lr=x, lr_scale=lr_scale, accumulate=accumulate,
                     seed=seed, mask_moves=mask_moves, shadow=shadow, col_scale=col_scale, nm=nm, per_token=per_token,
-                    pause=pause, compute_dtype=compute_dtype)  # fmt: skip
+                    pause=pause, compute_dtype=compute_dtype, backward_dtype=backward_dtype)  # fmt: skip
         paused = next(run)
         if not choose:
             best = (0.0, x, run)
@@ -278,7 +291,7 @@ def fit_block(
 
 
 def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accumulate, seed, mask_moves, shadow,
-          col_scale, nm, per_token, pause, compute_dtype):  # fmt: skip
+          col_scale, nm, per_token, pause, compute_dtype, backward_dtype):  # fmt: skip
     """One fit from ``weights`` at ``lr`` on the batches ``train`` (``fit_block``'s loop), as a
     generator: it yields the weights once, after ``pause`` steps (at most all of them), and
     returns the fitted weights, the kept positions, the training loss of each epoch, the mask
@@ -326,7 +339,7 @@ def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accum
             opt.zero_grad(set_to_none=True)
             eff = effective(params)
             for b in chunk:
-                with autocast:
+                with autocast, low_precision_linear_grads(backward_dtype):
                     loss = _mse(forward, eff, targets, b, per_token) / len(chunk)
                 loss.backward(retain_graph=b != chunk[-1])
                 running += float(loss.detach())
@@ -347,6 +360,52 @@ def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accum
     if pause == total:
         yield fitted
     return fitted, keep, history, changes, total
+
+
+class _LinearLowPrecisionGrads(torch.autograd.Function):
+    """``F.linear`` whose forward is exact and whose backward's two products run in ``dtype``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.dtype, ctx.has_bias = dtype, bias is not None
+        ctx.save_for_backward(x.to(dtype), weight.to(dtype))
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g = grad.to(ctx.dtype)
+        grad_x = (g @ w).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(grad.dtype)
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def _linear_args(input, weight, bias=None):
+    return input, weight, bias
+
+
+class _LowPrecisionLinearGrads(torch.overrides.TorchFunctionMode):
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, weight, bias = _linear_args(*args, **kwargs)
+            if x.dtype == weight.dtype == torch.float32 and (x.requires_grad or weight.requires_grad):
+                return _LinearLowPrecisionGrads.apply(x, weight, bias, self.dtype)
+        return func(*args, **kwargs)
+
+
+def low_precision_linear_grads(dtype: torch.dtype):
+    """A context in which every float32 ``F.linear`` that needs a gradient computes its forward
+    exactly and the two products of its backward (input and weight gradients) in ``dtype``; a
+    no-op for float32."""
+    return contextlib.nullcontext() if dtype == torch.float32 else _LowPrecisionLinearGrads(dtype)
 
 
 def _epoch_orders(train: list[int], epochs: int, seed: int) -> list[list[int]]:

@@ -189,6 +189,7 @@ def reconstruct_layer(
     guard: bool = False,
     trial: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
+    backward_dtype: torch.dtype = torch.float32,
     layer_name: str = "",
 ) -> list[tuple[str, BlockFit]]:
     """Fit the kept weights of ``layer``'s pruned Linears to the dense teacher, block by block.
@@ -196,7 +197,7 @@ def reconstruct_layer(
     ``targets``: {block name: the dense block's outputs on the dense stream} (``dense_pass``).
     ``keep``: {Linear: bool (out, in), True = kept}; the layer's weights are pruned when this is
     called. ``write(module, w_out_in)`` stores a weight. ``measure``: also compute each block's
-    output error before and after (two extra passes). ``lr`` (one or a list), ``trial``, ``guard`` and ``compute_dtype``: see
+    output error before and after (two extra passes). ``lr`` (one or a list), ``trial``, ``guard``, ``compute_dtype`` and ``backward_dtype``: see
     ``fit_block``. Returns the fit of every block. Run it with every calibration hook disabled
     (``compat.llmcompressor.disable_hooks``).
     """
@@ -218,7 +219,7 @@ def reconstruct_layer(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
             targets[bname], epochs=epochs, lr=lr, lr_scale=lr_scale, accumulate=accumulate, seed=seed, per_token=per_token,
             mask_moves=mask_moves, nm=nm, measure=measure, guard=guard, trial=trial,
-            compute_dtype=compute_dtype, shadow={k: dense_weights[m] for m, k in lin.items()} if mask_moves else None,
+            compute_dtype=compute_dtype, backward_dtype=backward_dtype, shadow={k: dense_weights[m] for m, k in lin.items()} if mask_moves else None,
             col_scale={k: col_scale[m] for m, k in lin.items()} if mask_moves else None,
             layer_name=f"{layer_name}.{bname}" if bname else layer_name,
         )  # fmt: skip
@@ -316,7 +317,8 @@ class LocalReconstructor:
                     lr=cfg.lr, lr_scale=cfg.lr_scale, accumulate=cfg.batch_size, per_token=cfg.loss == "token", mask_moves=cfg.mask_moves,
                     nm=self.nm, dense_weights=self._dense_weights, col_scale=self._col_scale, seed=cfg.seed,
                     measure=cfg.log_error, guard=cfg.guard, trial=cfg.trial,
-                    compute_dtype=getattr(torch, cfg.compute_dtype), layer_name=self.decoder_layers[layer],
+                    compute_dtype=getattr(torch, cfg.compute_dtype), backward_dtype=getattr(torch, cfg.backward_dtype),
+                    layer_name=self.decoder_layers[layer],
                 )  # fmt: skip
         self.teacher.advance(out)
         self._epoch, self._dense_weights, self._col_scale = None, {}, {}
