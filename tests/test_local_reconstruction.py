@@ -62,6 +62,23 @@ def test_fit_lowers_the_error_against_the_dense_teacher_and_keeps_the_mask():
     assert not torch.equal(out, pruned)  # the kept weights moved
 
 
+def test_pruned_weights_are_exactly_zero_in_every_training_step():
+    # the fit feeds its weights to the block unmasked: Adam must never move a pruned one, even when
+    # the start it is given carries values there and the learning rate is large
+    w, pruned, keep, targets, forward = _linear_problem(seed=3)
+    seen = []
+
+    def watching(params, b):
+        if params["w"].requires_grad:  # a training step, not a measurement
+            seen.append(params["w"].detach()[~keep].abs().max())
+        return forward(params, b)
+
+    fit = fit_block(watching, {"w": w}, {"w": keep}, targets, epochs=5, lr=0.3, lr_scale="absolute")
+    assert len(seen) == 5 * len(targets)
+    assert all(float(v) == 0.0 for v in seen)
+    assert torch.equal(fit.weights["w"] != 0, keep) and fit.loss_after < fit.loss_before
+
+
 def test_mask_moves_stay_exactly_n_of_m_and_do_move():
     """Started from a bad mask (each group keeps its two smallest weights), moves re-choose groups."""
     w, _, _, targets, forward = _linear_problem(seed=1)

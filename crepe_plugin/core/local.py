@@ -307,7 +307,10 @@ def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accum
     def effective(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if mask_moves:  # value w * keep, gradient to every position (straight-through)
             return {k: v + (v * keep[k] - v).detach() for k, v in p.items()}
-        return {k: v * keep[k] for k, v in p.items()}
+        # masks fixed: pruned positions start at zero, their gradient is zeroed before each step, and
+        # Adam (no weight decay) moves a weight whose every gradient was zero by exactly 0 -- so they
+        # stay exactly zero without a mask product in the forward pass or after the step
+        return p
 
     nb = len(train)
     steps_per_epoch = math.ceil(nb / accumulate)
@@ -320,7 +323,14 @@ def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accum
         rms = float(v.detach()[keep[k]].pow(2).mean().sqrt())
         return rms if math.isfinite(rms) and rms > 0 else 1.0
 
-    opt = torch.optim.Adam([{"params": [v], "lr": lr * step_scale(k, v)} for k, v in params.items()], lr=lr)
+    if not mask_moves:
+        with torch.no_grad():
+            for k, v in params.items():
+                v.mul_(keep[k])
+    grad_keep = {k: m.to(torch.float32) for k, m in keep.items()}  # a float mask: no bool-to-float copy per step
+    fused = all(v.device.type in ("cpu", "cuda") for v in params.values())  # one kernel per weight, not ~10
+    opt = torch.optim.Adam([{"params": [v], "lr": lr * step_scale(k, v)} for k, v in params.items()], lr=lr,
+                           fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
     history, changes = [], 0
     device = targets[train[0]].device.type if train else "cpu"
@@ -343,15 +353,11 @@ def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accum
                     loss = _mse(forward, eff, targets, b, per_token) / len(chunk)
                 loss.backward(retain_graph=b != chunk[-1])
                 running += float(loss.detach())
-            if not mask_moves:  # Adam would move a zero-gradient weight only through its state
+            if not mask_moves:  # pruned positions get no gradient, so Adam never moves them
                 for k, v in params.items():
-                    v.grad.mul_(keep[k])
+                    v.grad.mul_(grad_keep[k])
             opt.step()
             sched.step()
-            if not mask_moves:
-                with torch.no_grad():
-                    for k, v in params.items():
-                        v.mul_(keep[k])
             done += 1
             if done == pause < total:  # not under no_grad: a yield there would leave gradients off in the caller
                 yield {k: (v * keep[k]).detach() for k, v in params.items()}
