@@ -1,0 +1,80 @@
+"""Time of one local-reconstruction training step on one real decoder layer (docs/method.md,
+"Local reconstruction", session 34): ``core.local.fit_block`` on a 2:4-masked copy of the layer,
+one epoch, one window of ``--seqlen`` tokens per step, against the dense layer's own outputs.
+Prints each repeat's milliseconds per step and the training loss (equal across repeats and
+code versions up to float rounding, so two checkouts can be compared on the same numbers).
+
+The input windows come from the first part of WikiText-2 valid (calibration text).
+
+usage: python benchmarks/fit_step_time.py --model smollm2 --windows 16 --repeats 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from crepe_plugin.core import nm_mask
+from crepe_plugin.core.local import fit_block
+from crepe_plugin.data import read_text
+from crepe_plugin.pipeline import resolve_model
+
+P = argparse.ArgumentParser()
+P.add_argument("--model", default="smollm2")
+P.add_argument("--layer", type=int, default=5)
+P.add_argument("--windows", type=int, default=16)
+P.add_argument("--seqlen", type=int, default=512)
+P.add_argument("--repeats", type=int, default=4)
+P.add_argument("--text", default="../shared/data/wikitext2/wiki.valid.tokens.txt")
+P.add_argument("--profile", action="store_true", help="also print torch.profiler's table of one fit")
+a = P.parse_args()
+
+path = resolve_model(a.model)
+model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(str(path))
+ids = tok(read_text(a.text)[:400_000], return_tensors="pt").input_ids[0]
+need = a.windows * a.seqlen
+if ids.numel() < need:
+    raise SystemExit(f"error: --text {a.text}: {ids.numel()} tokens, {need} needed")
+ids = ids[:need].reshape(a.windows, a.seqlen)
+layer = model.model.layers[a.layer]
+calls = []
+hook = layer.register_forward_pre_hook(lambda m, args, kw: calls.append((args, kw)), with_kwargs=True)
+with torch.no_grad():
+    for i in range(a.windows):
+        model(ids[i : i + 1], use_cache=False)
+hook.remove()
+model.requires_grad_(False)
+
+
+def first(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+with torch.no_grad():
+    targets = [first(layer(*args, **kw)) for args, kw in calls]
+lin = {f"{n}.weight": m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+keep = {k: ~nm_mask(m.weight.detach().abs(), 2, 4) for k, m in lin.items()}
+weights = {k: m.weight.detach() * keep[k] for k, m in lin.items()}
+fixed = {k: v for k, v in layer.named_parameters() if k not in weights}
+
+
+def forward(params, b):
+    args, kw = calls[b]
+    return first(torch.func.functional_call(layer, {**fixed, **params}, args, kw))
+
+
+print(f"{a.model} layer {a.layer}: {a.windows} windows x {a.seqlen} tokens, {torch.get_num_threads()} threads")
+for rep in range(a.repeats):
+    t = time.perf_counter()
+    fit = fit_block(forward, weights, keep, targets, epochs=1, lr=1e-4, measure=False)
+    print(f"repeat {rep}: {(time.perf_counter() - t) / a.windows * 1000:.1f} ms/step, training loss {fit.history[0]:.10g}")
+if a.profile:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fit_block(forward, weights, keep, targets, epochs=1, lr=1e-4, measure=False)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
