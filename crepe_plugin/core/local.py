@@ -302,6 +302,8 @@ def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accum
         start = w.detach().to(torch.float32).clone()
         if mask_moves:  # pruned positions carry their shadow (dense) values
             start = torch.where(keep[k], start, shadow[k].detach().to(start))
+        else:  # pruned positions start at exactly zero (and never get a gradient: see `effective`)
+            start.mul_(keep[k])
         params[k] = start.requires_grad_(True)
 
     def effective(p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -323,11 +325,7 @@ def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accum
         rms = float(v.detach()[keep[k]].pow(2).mean().sqrt())
         return rms if math.isfinite(rms) and rms > 0 else 1.0
 
-    if not mask_moves:
-        with torch.no_grad():
-            for k, v in params.items():
-                v.mul_(keep[k])
-    grad_keep = {k: m.to(torch.float32) for k, m in keep.items()}  # a float mask: no bool-to-float copy per step
+    grad_keep = {} if mask_moves else {k: m.to(torch.float32) for k, m in keep.items()}  # no bool-to-float copy per step
     fused = all(v.device.type in ("cpu", "cuda") for v in params.values())  # one kernel per weight, not ~10
     opt = torch.optim.Adam([{"params": [v], "lr": lr * step_scale(k, v)} for k, v in params.items()], lr=lr,
                            fused=fused or None)
