@@ -1,5 +1,6 @@
 """Side-by-side: dense, magnitude, Wanda, SparseGPT (llm-compressor), RIA, CRePE (its
-defaults) and the shipped best recipe (recipes/crepe_best_2of4.yaml, crepe_best_unstructured50.yaml).
+defaults) and the shipped best recipe (recipes/crepe_best_2of4.yaml, crepe_best_unstructured50.yaml;
+``best`` at another N:M, e.g. ``best:4:8``, is the 2:4 recipe with only its mask_structure changed).
 
 Each method runs in its own subprocess (so peak memory is its own), at 2:4 and at 50%
 unstructured, and appends a JSON line to --results as soon as it finishes; the table is
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -50,8 +52,13 @@ def recipe_for(method: str, structure: str) -> str:
             if cand.is_file():
                 return cand.read_text()
         raise SystemExit(f"error: recipe {name!r} not found")
-    if method == "best":
-        return (ROOT / "recipes" / BEST[structure]).read_text()
+    if method == "best":  # the shipped best recipe; another N:M takes the 2:4 recipe, every other setting unchanged
+        if structure in BEST:
+            return (ROOT / "recipes" / BEST[structure]).read_text()
+        text = (ROOT / "recipes" / BEST["2:4"]).read_text()
+        if not re.fullmatch(r"\d+:\d+", structure) or text.count('mask_structure: "2:4"') != 1:
+            raise SystemExit(f"error: no best recipe for structure {structure!r}")
+        return text.replace('mask_structure: "2:4"', f'mask_structure: "{structure}"')
     mod = METHODS[method]
     lines = [f"    {mod}:", "      sparsity: 0.5", f"      mask_structure: '{structure}'", "      ignore: ['re:.*lm_head']"]
     lines += EXTRA.get(method, [])
