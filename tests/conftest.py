@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ try:  # llm-compressor adds its loguru sink on sys.stderr when imported: do it b
     import llmcompressor  # noqa: F401  (``import crepe_plugin`` no longer imports it)
 except ImportError:  # the serving environment
     pass
+
+
+def pytest_configure(config):
+    """A shell without job control starts background jobs (`nohup bash .ci/run &`) with SIGINT
+    ignored, and exec keeps an ignored signal ignored: the Ctrl-C tests' children would never see
+    their SIGINT. A Python handler is reset to the default on exec, so install Python's own."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CREPE_DATA_DIR", ROOT.parent / "shared" / "data"))

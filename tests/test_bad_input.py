@@ -290,15 +290,6 @@ def test_more_bad_arguments(argv, expect, tmp_path, tiny_model_dir, calib_file, 
     assert sorted(tmp_path.iterdir()) == listing  # nothing written
 
 
-def _sigint_default() -> None:
-    """In the child of a Ctrl-C test, before exec: SIGINT back to its default. A shell without job
-    control starts background jobs (`.ci/run &`) with SIGINT ignored, which children inherit, and
-    Python then never raises KeyboardInterrupt: the test would wait out its timeout."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_during_start_up_prints_interrupted(tmp_path, tiny_model_dir, calib_file):
     """SIGINT while the heavy imports (torch, llm-compressor) are still loading: no traceback."""
     import signal
@@ -308,8 +299,7 @@ def test_ctrl_c_during_start_up_prints_interrupted(tmp_path, tiny_model_dir, cal
 
     p = subprocess.Popen([sys.executable, "-m", "crepe_plugin.cli", "prune", str(tiny_model_dir), "--recipe",
                           str(ROOT / "recipes" / "crepe_2of4.yaml"), "--calib", str(calib_file), "--out",
-                          str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=_sigint_default)  # fmt: skip
+                          str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     def torch_loaded():  # `crepe prune` is then past argument parsing, into its imports (llm-compressor: seconds more)
         try:
             with open(f"/proc/{p.pid}/maps") as fh:
@@ -868,8 +858,7 @@ def test_ctrl_c_during_a_search_prints_one_line(tmp_path, tiny_model_dir, calib_
     out = tmp_path / "s"
     p = subprocess.Popen([sys.executable, "-m", "crepe_plugin.cli", "search", str(tiny_model_dir), "--calib", str(calib_file),
                           "--out", str(out), "--trials", "100000", "--layers", "1", "--num-samples", "2", "--seqlen", "16",
-                          "--proxy", "recon"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=_sigint_default)  # fmt: skip
+                          "--proxy", "recon"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 120
     while not (out / "calib_stats.safetensors").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # trials start once the statistics are cached
