@@ -459,3 +459,89 @@ def test_compute_dtype_in_a_recipe_reaches_the_fit(tmp_path, monkeypatch):
     assert got == [(torch.bfloat16, torch.bfloat16)] * 2
     rep = verify_checkpoint(out)
     assert rep.ok and all(l.nm_ok for l in rep.layers if l.recorded)
+
+
+def test_a_token_fraction_trains_on_a_new_subset_each_step_and_measures_on_every_token():
+    """``token_fraction``: each training step sees ceil(f * seq) distinct positions, a new subset
+    each step, and the loss there; the comparison of learning rates and the measured errors use
+    every position; the fit still lowers the error and keeps the mask."""
+    w, pruned, keep, targets, forward = _linear_problem(seed=4, tokens=24)
+    seen, full_calls = [], []
+
+    def subset_forward(params, b, tokens=None):
+        if tokens is None:
+            full_calls.append(b)
+            return forward(params, b)
+        seen.append(tokens.clone())
+        return forward(params, b).index_select(-2, tokens)
+
+    fit = fit_block(subset_forward, {"w": pruned}, {"w": keep}, targets, epochs=10, lr=[1e-2, 1e-3], trial=0.5,
+                    token_fraction=0.3)  # fmt: skip
+    assert all(len(t) == 8 and torch.equal(t, t.unique()) for t in seen)  # ceil(0.3 * 24), distinct, sorted
+    # 5 batches trained (1 held out to compare the rates) x 10 epochs: each rate's first 25 steps, then the best's last 25,
+    # every step a new subset, the same ones for both rates
+    assert len(seen) == 75 and all(torch.equal(a, b) for a, b in zip(seen[:25], seen[25:50]))
+    assert len({tuple(t.tolist()) for t in seen}) == 50
+    assert full_calls  # the comparison of the two rates and the errors before and after
+    assert fit.loss_after < fit.loss_before
+    assert torch.equal(fit.weights["w"] != 0, keep) and is_nm(fit.weights["w"], 2, 4)
+    with pytest.raises(ValueError, match="token_fraction"):
+        fit_block(subset_forward, {"w": pruned}, {"w": keep}, targets, token_fraction=0.0)
+
+
+def test_mlp_on_a_token_subset_gives_the_decoder_layers_exact_output_there(tmp_path):
+    """``on_tokens``: the MLP runs on the chosen positions only, and the decoder layer's output
+    there is exactly its full output; a block called with more than its hidden states (attention)
+    is refused."""
+    from crepe_plugin.core.errors import PruningError
+    from crepe_plugin.modifiers.teacher import mlp_block, on_tokens
+
+    model = _load(save_tiny_llama(tmp_path / "m", layers=1, seed=2))
+    layer = model.model.layers[0]
+    x = torch.randn(1, 20, model.config.hidden_size)
+    pos = model.model.rotary_emb(x, torch.arange(20)[None])
+    name, mlp = mlp_block(layer, set(m for m in layer.modules() if isinstance(m, torch.nn.Linear)))
+    assert mlp is layer.mlp and name == "mlp"
+    sizes = []
+    h = mlp.gate_proj.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[-2]))
+    tokens = torch.tensor([0, 3, 4, 11, 19])
+    with torch.no_grad():
+        full = layer(x, position_embeddings=pos, attention_mask=None)
+        with on_tokens(mlp, name, tokens):
+            part = layer(x, position_embeddings=pos, attention_mask=None)
+    h.remove()
+    full, part = (o[0] if isinstance(o, tuple) else o for o in (full, part))
+    assert sizes == [20, 5]
+    torch.testing.assert_close(part[:, tokens], full[:, tokens], rtol=0, atol=1e-6)
+    assert not torch.allclose(part[:, 1], full[:, 1])  # elsewhere the MLP did not run
+    with pytest.raises(PruningError, match="token-wise"), on_tokens(layer.self_attn, "self_attn", tokens):
+        layer(x, position_embeddings=pos, attention_mask=None)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "blocks"])
+def test_mlp_tokens_in_a_recipe_lowers_each_layers_error_and_stays_2of4(tmp_path, monkeypatch, granularity):
+    """``mlp_tokens: 0.5`` reaches the fit of every block that holds the MLP (the attention block
+    alone trains on every token), the training steps run the MLP on half the tokens, each layer's
+    error still falls, and the checkpoint is exactly 2:4."""
+    from loguru import logger
+
+    from crepe_plugin.modifiers import teacher
+
+    got, real = [], teacher.fit_block
+    monkeypatch.setattr(teacher, "fit_block", lambda *a, **k: got.append(k["token_fraction"]) or real(*a, **k))
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: "local reconstruction" in r["message"])
+    out = tmp_path / "o"
+    extra = f"        mlp_tokens: 0.5\n        log_error: true\n        granularity: {granularity}\n"
+    try:
+        _run(str(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(epochs=3, lr=1e-3, extra=extra), out)
+    finally:
+        logger.remove(sink)
+    assert got == ([0.5] * 2 if granularity == "layer" else [1.0, 0.5] * 2)
+    for line in lines:
+        before, after = (float(x.split(",")[0]) for x in line.split("block output error ")[1].split(" -> "))
+        assert after < before, line
+    rep = verify_checkpoint(out)
+    assert rep.ok and all(l.nm_ok for l in rep.layers if l.recorded)
+    with pytest.raises(ValidationError):
+        LocalReconstruction(mlp_tokens=0.0)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import contextlib
+
 import torch
 from loguru import logger
 
@@ -109,6 +111,55 @@ def layer_blocks(layer: torch.nn.Module, pruned: set[torch.nn.Module], granulari
     return [(n, c) for n, c in layer.named_children() if any(m in pruned for m in c.modules())]
 
 
+def mlp_block(layer: torch.nn.Module, pruned: set[torch.nn.Module]) -> tuple[str, torch.nn.Module] | None:
+    """The token-wise block of a decoder layer (its MLP): the last of its children that hold a
+    pruned layer, when there are two or more (attention comes first); else None."""
+    blocks = layer_blocks(layer, pruned, "blocks")
+    return blocks[-1] if len(blocks) >= 2 else None
+
+
+def _holds_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (tuple, list)):
+        return any(_holds_tensor(t) for t in v)
+    if isinstance(v, dict):
+        return any(_holds_tensor(t) for t in v.values())
+    return False
+
+
+@contextlib.contextmanager
+def on_tokens(block: torch.nn.Module, name: str, tokens: torch.Tensor):
+    """Within the context, ``block`` (token-wise: it gets the hidden states alone) runs on the
+    sequence positions ``tokens`` (dim -2) only, and its output is zero elsewhere, so that the
+    decoder layer's output is exact at ``tokens``."""
+    seq = {}
+
+    def pre(_m, args, kwargs):
+        x, rest, kw = _split_call(args, kwargs)
+        extra = [k for k, v in kw.items() if _holds_tensor(v)] + ["a positional argument"] * len(rest)
+        if extra:
+            raise PruningError(
+                f"local_reconstruction.mlp_tokens runs '{name}' on a subset of tokens, but it is called with more than "
+                f"its hidden states ({extra[0]}), so it may not be token-wise; use mlp_tokens: 1"
+            )
+        seq["n"] = x.shape[-2]
+        return (x.index_select(-2, tokens),), kw
+
+    def post(_m, _args, _kwargs, out):
+        first = _first(out)
+        shape = (*first.shape[:-2], seq["n"], first.shape[-1])
+        full = first.new_zeros(shape).index_copy(-2, tokens, first)
+        return (full, *out[1:]) if isinstance(out, tuple) else full
+
+    hooks = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _run(layer: torch.nn.Module, call: _Call, hidden: torch.Tensor) -> torch.Tensor:
     return _first(layer(hidden.to(call.hidden.dtype), *call.args, **call.kwargs))
 
@@ -190,6 +241,7 @@ def reconstruct_layer(
     trial: float = 1.0,
     compute_dtype: torch.dtype = torch.float32,
     backward_dtype: torch.dtype = torch.float32,
+    mlp_tokens: float = 1.0,
     layer_name: str = "",
 ) -> list[tuple[str, BlockFit]]:
     """Fit the kept weights of ``layer``'s pruned Linears to the dense teacher, block by block.
@@ -198,28 +250,45 @@ def reconstruct_layer(
     ``keep``: {Linear: bool (out, in), True = kept}; the layer's weights are pruned when this is
     called. ``write(module, w_out_in)`` stores a weight. ``measure``: also compute each block's
     output error before and after (two extra passes). ``lr`` (one or a list), ``trial``, ``guard``, ``compute_dtype`` and ``backward_dtype``: see
-    ``fit_block``. Returns the fit of every block. Run it with every calibration hook disabled
+    ``fit_block``. ``mlp_tokens`` < 1: each training step of a block that holds the layer's MLP
+    (``mlp_block``) runs the MLP on that fraction of the tokens and takes the loss there
+    (``fit_block``'s ``token_fraction``); the attention block alone is fitted on every token.
+    Returns the fit of every block. Run it with every calibration hook disabled
     (``compat.llmcompressor.disable_hooks``).
     """
     fits = []
+    mlp = mlp_block(layer, set(keep)) if mlp_tokens < 1 else None
+    if mlp_tokens < 1 and mlp is None:
+        raise PruningError(
+            f"{layer_name}: local_reconstruction.mlp_tokens needs a decoder layer whose attention and MLP are both "
+            "pruned (the MLP is the last of them); use mlp_tokens: 1"
+        )
     for bname, block in layer_blocks(layer, set(keep), granularity):
         ins = block_inputs(layer, block, teacher.calls, teacher.store)
         lin = {m: f"{n}.weight" for n, m in block.named_modules() if m in keep}
         by_name = {k: m for m, k in lin.items()}
         fixed = {k: v.float() for k, v in (*block.named_parameters(), *block.named_buffers()) if v.is_floating_point()}
 
-        def forward(params, b, block=block, ins=ins, by_name=by_name, fixed=fixed):
+        holds_mlp = mlp is not None and any(m is mlp[1] for m in block.modules())
+
+        def forward(params, b, tokens=None, block=block, ins=ins, by_name=by_name, fixed=fixed):
             full = dict(fixed)
             for k, w in params.items():  # (out, in) -> the module's stored layout (Conv1D: (in, out))
                 full[k] = w if isinstance(by_name[k], torch.nn.Linear) else w.t()
             x, rest, kw = ins[b]
-            return _first(torch.func.functional_call(block, full, (x.float(), *rest), _floating(kw, torch.float32)))
+            if tokens is None:
+                return _first(torch.func.functional_call(block, full, (x.float(), *rest), _floating(kw, torch.float32)))
+            tokens = tokens.to(x.device)
+            with on_tokens(mlp[1], f"{layer_name}.{mlp[0]}", tokens):
+                out = _first(torch.func.functional_call(block, full, (x.float(), *rest), _floating(kw, torch.float32)))
+            return out.index_select(-2, tokens)
 
         fit = fit_block(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
             targets[bname], epochs=epochs, lr=lr, lr_scale=lr_scale, accumulate=accumulate, seed=seed, per_token=per_token,
             mask_moves=mask_moves, nm=nm, measure=measure, guard=guard, trial=trial,
-            compute_dtype=compute_dtype, backward_dtype=backward_dtype, shadow={k: dense_weights[m] for m, k in lin.items()} if mask_moves else None,
+            compute_dtype=compute_dtype, backward_dtype=backward_dtype, token_fraction=mlp_tokens if holds_mlp else 1.0,
+            shadow={k: dense_weights[m] for m, k in lin.items()} if mask_moves else None,
             col_scale={k: col_scale[m] for m, k in lin.items()} if mask_moves else None,
             layer_name=f"{layer_name}.{bname}" if bname else layer_name,
         )  # fmt: skip
@@ -318,7 +387,7 @@ class LocalReconstructor:
                     nm=self.nm, dense_weights=self._dense_weights, col_scale=self._col_scale, seed=cfg.seed,
                     measure=cfg.log_error, guard=cfg.guard, trial=cfg.trial,
                     compute_dtype=getattr(torch, cfg.compute_dtype), backward_dtype=getattr(torch, cfg.backward_dtype),
-                    layer_name=self.decoder_layers[layer],
+                    mlp_tokens=cfg.mlp_tokens, layer_name=self.decoder_layers[layer],
                 )  # fmt: skip
         self.teacher.advance(out)
         self._epoch, self._dense_weights, self._col_scale = None, {}, {}
