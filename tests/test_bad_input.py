@@ -28,6 +28,13 @@ RECIPES = {
     "a trial fraction above 1": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
                                  "      mask_structure: '2:4'\n      local_reconstruction:\n        lr: [1.0e-3, 1.0e-4]\n"
                                  "        trial: 1.5\n", "local_reconstruction.trial: Input should be less than or equal to 1"),
+    "no tokens for the MLP": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
+                              "      mask_structure: '2:4'\n      local_reconstruction:\n        mlp_tokens: 0\n",
+                              "local_reconstruction.mlp_tokens: Input should be greater than 0"),
+    "MLP tokens without a pruned MLP": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
+                                        "      mask_structure: '2:4'\n      targets: ['re:.*self_attn.*']\n"
+                                        "      local_reconstruction:\n        mlp_tokens: 0.5\n",
+                                        "mlp_tokens needs a decoder layer whose attention and MLP are both pruned"),
 }  # fmt: skip
 
 
