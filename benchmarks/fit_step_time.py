@@ -6,7 +6,10 @@ code versions up to float rounding, so two checkouts can be compared on the same
 
 The input windows come from the first part of WikiText-2 valid (calibration text).
 
-usage: python benchmarks/fit_step_time.py --model smollm2 --windows 16 --repeats 4
+``--mlp-tokens 1 0.5 0.25`` times each fraction of ``local_reconstruction.mlp_tokens`` in turn,
+interleaved over the repeats (session 37).
+
+usage: python benchmarks/fit_step_time.py --model smollm2 --windows 16 --repeats 4 [--mlp-tokens 1 0.5]
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from crepe_plugin.core import nm_mask
 from crepe_plugin.core.local import fit_block
 from crepe_plugin.data import read_text
+from crepe_plugin.modifiers.teacher import mlp_block, on_tokens
 from crepe_plugin.pipeline import resolve_model
 
 P = argparse.ArgumentParser()
@@ -29,6 +33,7 @@ P.add_argument("--windows", type=int, default=16)
 P.add_argument("--seqlen", type=int, default=512)
 P.add_argument("--repeats", type=int, default=4)
 P.add_argument("--text", default="../shared/data/wikitext2/wiki.valid.tokens.txt")
+P.add_argument("--mlp-tokens", type=float, nargs="+", default=[1.0], help="fractions of local_reconstruction.mlp_tokens")
 P.add_argument("--profile", action="store_true", help="also print torch.profiler's table of one fit")
 a = P.parse_args()
 
@@ -62,16 +67,24 @@ weights = {k: m.weight.detach() * keep[k] for k, m in lin.items()}
 fixed = {k: v for k, v in layer.named_parameters() if k not in weights}
 
 
-def forward(params, b):
+mlp_name, mlp = mlp_block(layer, set(lin.values()))
+
+
+def forward(params, b, tokens=None):
     args, kw = calls[b]
-    return first(torch.func.functional_call(layer, {**fixed, **params}, args, kw))
+    if tokens is None:
+        return first(torch.func.functional_call(layer, {**fixed, **params}, args, kw))
+    with on_tokens(mlp, mlp_name, tokens):
+        return first(torch.func.functional_call(layer, {**fixed, **params}, args, kw)).index_select(-2, tokens)
 
 
 print(f"{a.model} layer {a.layer}: {a.windows} windows x {a.seqlen} tokens, {torch.get_num_threads()} threads")
 for rep in range(a.repeats):
-    t = time.perf_counter()
-    fit = fit_block(forward, weights, keep, targets, epochs=1, lr=1e-4, measure=False)
-    print(f"repeat {rep}: {(time.perf_counter() - t) / a.windows * 1000:.1f} ms/step, training loss {fit.history[0]:.10g}")
+    for f in a.mlp_tokens:
+        t = time.perf_counter()
+        fit = fit_block(forward, weights, keep, targets, epochs=1, lr=1e-4, measure=False, token_fraction=f)
+        print(f"repeat {rep}, mlp_tokens {f:g}: {(time.perf_counter() - t) / a.windows * 1000:.1f} ms/step, "
+              f"training loss {fit.history[0]:.10g}")
 if a.profile:
     from torch.profiler import profile
 
