@@ -34,7 +34,8 @@ RECIPES = {
     "MLP tokens without a pruned MLP": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
                                         "      mask_structure: '2:4'\n      targets: ['re:.*self_attn.*']\n"
                                         "      local_reconstruction:\n        mlp_tokens: 0.5\n",
-                                        "mlp_tokens needs a decoder layer whose attention and MLP are both pruned"),
+                                        "mlp_tokens runs 'model.layers.0.self_attn' on a subset of tokens, but it is called "
+                                        "with more than its hidden states"),
 }  # fmt: skip
 
 

@@ -516,32 +516,46 @@ def test_mlp_on_a_token_subset_gives_the_decoder_layers_exact_output_there(tmp_p
     assert not torch.allclose(part[:, 1], full[:, 1])  # elsewhere the MLP did not run
     with pytest.raises(PruningError, match="token-wise"), on_tokens(layer.self_attn, "self_attn", tokens):
         layer(x, position_embeddings=pos, attention_mask=None)
+    assert not any((m._forward_pre_hooks, m._forward_hooks) != ({}, {}) for m in (layer.self_attn, mlp))  # hooks removed
 
 
-@pytest.mark.parametrize("granularity", ["layer", "blocks"])
-def test_mlp_tokens_in_a_recipe_lowers_each_layers_error_and_stays_2of4(tmp_path, monkeypatch, granularity):
+@pytest.mark.parametrize("granularity,mlp_only", [("layer", False), ("blocks", False), ("layer", True)])
+def test_mlp_tokens_in_a_recipe_lowers_each_layers_error_and_stays_2of4(tmp_path, monkeypatch, granularity, mlp_only):
     """``mlp_tokens: 0.5`` reaches the fit of every block that holds the MLP (the attention block
-    alone trains on every token), the training steps run the MLP on half the tokens, each layer's
-    error still falls, and the checkpoint is exactly 2:4."""
+    alone trains on every token), the training steps run the MLP on half the tokens while attention
+    sees all of them, each layer's error still falls, and the checkpoint is exactly 2:4; also when
+    only the MLPs are pruned."""
     from loguru import logger
 
     from crepe_plugin.modifiers import teacher
 
     got, real = [], teacher.fit_block
     monkeypatch.setattr(teacher, "fit_block", lambda *a, **k: got.append(k["token_fraction"]) or real(*a, **k))
+    model = _load(save_tiny_llama(tmp_path / "m", layers=2, seed=3))
+    seen, last = [], {}  # (tokens at the layer's input, tokens at its MLP) of every call of layer 1's MLP
+    layer = model.model.layers[1]
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, kw: last.update(n=(args[0] if args else kw["hidden_states"]).shape[-2]),
+                                             with_kwargs=True),
+             layer.mlp.gate_proj.register_forward_pre_hook(lambda _m, args: seen.append((last.get("n"), args[0].shape[-2])))]  # fmt: skip
     lines = []
     sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: "local reconstruction" in r["message"])
-    out = tmp_path / "o"
     extra = f"        mlp_tokens: 0.5\n        log_error: true\n        granularity: {granularity}\n"
+    if mlp_only:
+        extra += "      targets: ['re:.*mlp.*']\n"
     try:
-        _run(str(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(epochs=3, lr=1e-3, extra=extra), out)
+        _run(model, _recipe(epochs=3, lr=1e-3, extra=extra))
     finally:
         logger.remove(sink)
-    assert got == ([0.5] * 2 if granularity == "layer" else [1.0, 0.5] * 2)
+        for h in hooks:
+            h.remove()
+    assert got == ([1.0, 0.5] * 2 if granularity == "blocks" else [0.5] * 2)
+    if granularity == "layer":  # 8 windows x 3 epochs of training steps with the MLP on half the layer's tokens
+        halves = [(n, k) for n, k in seen if k != n]
+        assert len(halves) == 24 and all(k == -(-n // 2) for n, k in halves), seen
     for line in lines:
         before, after = (float(x.split(",")[0]) for x in line.split("block output error ")[1].split(" -> "))
         assert after < before, line
-    rep = verify_checkpoint(out)
-    assert rep.ok and all(l.nm_ok for l in rep.layers if l.recorded)
+    pruned = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert all(is_nm(w, 2, 4) == (not mlp_only or ".mlp." in n) for n, w in pruned.items())
     with pytest.raises(ValidationError):
         LocalReconstruction(mlp_tokens=0.0)

@@ -79,7 +79,7 @@ class LocalReconstruction(BaseModel):
         description="the fraction of each window's tokens (a new seeded random subset every step) on which a training "
         "step runs the decoder layer's MLP and takes the loss; attention still sees every token. Below 1 a step is "
         "cheaper (SmolLM2 and Gemma 3 270M: 0.5 costs about 0.7 of a full step). Comparisons of learning rates and "
-        "the logged errors use every token",
+        "the errors of `log_error` use every token; the training loss logged by epoch is on the subsets",
     )
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="storage of the dense teacher's activations ('auto': the model's activations' dtype)"
@@ -363,7 +363,8 @@ def _adam(forward, weights, keep, targets, train, *, epochs, lr, lr_scale, accum
         if token_fraction >= 1.0:
             return None
         seq = targets[b].shape[-2]
-        return torch.randperm(seq, generator=token_gen)[: math.ceil(token_fraction * seq)].sort().values
+        k = min(seq, max(1, math.ceil(round(token_fraction * seq, 9))))  # round: 0.1 * 30 is 3, not 4
+        return torch.randperm(seq, generator=token_gen)[:k].sort().values
     for epoch, order in enumerate(_epoch_orders(train, epochs, seed)):
         if mask_moves and epoch > 0:
             n, m = nm

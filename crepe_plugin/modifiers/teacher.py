@@ -113,9 +113,10 @@ def layer_blocks(layer: torch.nn.Module, pruned: set[torch.nn.Module], granulari
 
 def mlp_block(layer: torch.nn.Module, pruned: set[torch.nn.Module]) -> tuple[str, torch.nn.Module] | None:
     """The token-wise block of a decoder layer (its MLP): the last of its children that hold a
-    pruned layer, when there are two or more (attention comes first); else None."""
+    pruned layer (attention comes first); None if none does. ``on_tokens`` refuses it if it is
+    called with more than its hidden states (e.g. when only the attention is pruned)."""
     blocks = layer_blocks(layer, pruned, "blocks")
-    return blocks[-1] if len(blocks) >= 2 else None
+    return blocks[-1] if blocks else None
 
 
 def _holds_tensor(v: Any) -> bool:
@@ -150,7 +151,7 @@ def on_tokens(block: torch.nn.Module, name: str, tokens: torch.Tensor):
         first = _first(out)
         shape = (*first.shape[:-2], seq["n"], first.shape[-1])
         full = first.new_zeros(shape).index_copy(-2, tokens, first)
-        return (full, *out[1:]) if isinstance(out, tuple) else full
+        return type(out)((full, *out[1:])) if isinstance(out, (tuple, list)) else full
 
     hooks = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
     try:
@@ -258,11 +259,6 @@ def reconstruct_layer(
     """
     fits = []
     mlp = mlp_block(layer, set(keep)) if mlp_tokens < 1 else None
-    if mlp_tokens < 1 and mlp is None:
-        raise PruningError(
-            f"{layer_name}: local_reconstruction.mlp_tokens needs a decoder layer whose attention and MLP are both "
-            "pruned (the MLP is the last of them); use mlp_tokens: 1"
-        )
     for bname, block in layer_blocks(layer, set(keep), granularity):
         ins = block_inputs(layer, block, teacher.calls, teacher.store)
         lin = {m: f"{n}.weight" for n, m in block.named_modules() if m in keep}
