@@ -15,6 +15,7 @@ usage: python benchmarks/fit_step_time.py --model smollm2 --windows 16 --repeats
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -72,10 +73,9 @@ mlp_name, mlp = mlp_block(layer, set(lin.values()))
 
 def forward(params, b, tokens=None):
     args, kw = calls[b]
-    if tokens is None:
-        return first(torch.func.functional_call(layer, {**fixed, **params}, args, kw))
-    with on_tokens(mlp, mlp_name, tokens):
-        return first(torch.func.functional_call(layer, {**fixed, **params}, args, kw)).index_select(-2, tokens)
+    with on_tokens(mlp, mlp_name, tokens) if tokens is not None else contextlib.nullcontext():
+        out = first(torch.func.functional_call(layer, {**fixed, **params}, args, kw))
+    return out if tokens is None else out.index_select(-2, tokens)
 
 
 print(f"{a.model} layer {a.layer}: {a.windows} windows x {a.seqlen} tokens, {torch.get_num_threads()} threads")

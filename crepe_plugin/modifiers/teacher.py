@@ -16,10 +16,9 @@ never change (unless mask moves are on, within N:M groups), and pruned weights s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import contextlib
 
 import torch
 from loguru import logger
@@ -272,12 +271,11 @@ def reconstruct_layer(
             for k, w in params.items():  # (out, in) -> the module's stored layout (Conv1D: (in, out))
                 full[k] = w if isinstance(by_name[k], torch.nn.Linear) else w.t()
             x, rest, kw = ins[b]
-            if tokens is None:
-                return _first(torch.func.functional_call(block, full, (x.float(), *rest), _floating(kw, torch.float32)))
-            tokens = tokens.to(x.device)
-            with on_tokens(mlp[1], f"{layer_name}.{mlp[0]}", tokens):
+            if tokens is not None:
+                tokens = tokens.to(x.device)
+            with on_tokens(mlp[1], f"{layer_name}.{mlp[0]}", tokens) if tokens is not None else contextlib.nullcontext():
                 out = _first(torch.func.functional_call(block, full, (x.float(), *rest), _floating(kw, torch.float32)))
-            return out.index_select(-2, tokens)
+            return out if tokens is None else out.index_select(-2, tokens)
 
         fit = fit_block(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
