@@ -559,3 +559,88 @@ def test_mlp_tokens_in_a_recipe_lowers_each_layers_error_and_stays_2of4(tmp_path
     assert all(is_nm(w, 2, 4) == (not mlp_only or ".mlp." in n) for n, w in pruned.items())
     with pytest.raises(ValidationError):
         LocalReconstruction(mlp_tokens=0.0)
+
+
+def test_attention_replay_gives_the_layers_exact_output_and_refuses_what_it_cannot_replay(tmp_path):
+    """``attention_replay`` keeps what the attention's output projection receives; with it swapped
+    in, the decoder layer's output is exactly the real one, and it follows the output projection's
+    weight; a token-wise block (an MLP) gets None, and an attention whose output is not its last
+    Linear's output is refused."""
+    from crepe_plugin.core.errors import PruningError
+    from crepe_plugin.modifiers.teacher import _swapped, attention_replay
+
+    model = _load(save_tiny_llama(tmp_path / "m", layers=1, seed=2))
+    layer = model.model.layers[0]
+    xs = [torch.randn(1, 20, model.config.hidden_size) for _ in range(3)]
+    pos = model.model.rotary_emb(xs[0], torch.arange(20)[None])
+
+    def run(b):
+        out = layer(xs[b], position_embeddings=pos, attention_mask=None)
+        return out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        full = [run(b) for b in range(3)]
+        replay = attention_replay(layer.self_attn, "self_attn", run, 3, lambda t: t.detach().clone())
+        assert replay.path == "o_proj" and len(replay.inputs) == 3
+        with _swapped(layer, "self_attn", replay):
+            for b in range(3):
+                replay.window = b
+                torch.testing.assert_close(run(b), full[b], rtol=0, atol=0)
+            layer.self_attn.o_proj.weight.mul_(0.5)  # the replay runs the real output projection
+            replay.window = 0
+            assert not torch.allclose(run(0), full[0])
+        assert layer.self_attn is not replay  # swapped back
+        assert attention_replay(layer.mlp, "mlp", run, 3, lambda t: t) is None  # token-wise: not attention
+        orig = layer.self_attn.forward
+        layer.self_attn.forward = lambda *a, **k: (2 * orig(*a, **k)[0], None)
+        with pytest.raises(PruningError, match="'self_attn' to return its last Linear's output"):
+            attention_replay(layer.self_attn, "self_attn", run, 3, lambda t: t)
+    assert not any((m._forward_pre_hooks, m._forward_hooks) != ({}, {}) for m in layer.modules())  # hooks removed
+
+
+@pytest.mark.parametrize("granularity", ["layer", "blocks"])
+def test_attention_output_trains_only_the_output_projection_and_lowers_each_layers_error(tmp_path, monkeypatch, granularity):
+    """``attention: output``: q, k and v keep the weights the pruning gave them, the output
+    projection and the MLP are trained, each layer's error against the dense teacher falls, the
+    training steps never run attention, and the checkpoint is exactly 2:4."""
+    from loguru import logger
+
+    from crepe_plugin.modifiers import CRePEPruningModifier
+
+    model = _load(save_tiny_llama(tmp_path / "m", layers=2, seed=3))
+    pruned, before = {}, CRePEPruningModifier.after_layers
+
+    def after_layers(self, layers):  # the weights as the pruning left them, before the fit
+        pruned.update({name: m.weight.detach().clone() for name, m in layers.items()})
+        before(self, layers)
+
+    monkeypatch.setattr(CRePEPruningModifier, "after_layers", after_layers)
+    calls = []
+    hooks = [l.self_attn.k_proj.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+             for l in model.model.layers]
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: "local reconstruction" in r["message"])
+    out = tmp_path / "o"
+    try:
+        _run(model, _recipe(epochs=3, lr=1e-3, extra=f"        attention: output\n        log_error: true\n"
+                                                        f"        granularity: {granularity}\n"), out)  # fmt: skip
+    finally:
+        logger.remove(sink)
+        for h in hooks:
+            h.remove()
+    assert len(pruned) == 14
+    for name, w in pruned.items():
+        same = torch.equal(model.get_submodule(name).weight, w)
+        assert same == any(p in name for p in ("q_proj", "k_proj", "v_proj")), name
+    # k_proj runs in the passes without gradients (the pipeline's, the teacher's, the replay's fill), never in a
+    # training step
+    assert calls and not any(calls), sum(calls)
+    assert len(lines) == (4 if granularity == "blocks" else 2)
+    for line in lines:
+        b, a = (float(x.split(",")[0]) for x in line.split("block output error ")[1].split(" -> "))
+        assert a < b, line
+    rep = verify_checkpoint(out)
+    assert rep.ok, rep.errors
+    assert all(l.nm_ok for l in rep.layers if l.recorded) and len([l for l in rep.layers if l.recorded]) == 14
+    with pytest.raises(ValidationError):
+        LocalReconstruction(attention="none")

@@ -81,6 +81,12 @@ class LocalReconstruction(BaseModel):
         "cheaper (SmolLM2 and Gemma 3 270M: 0.5 costs about 0.7 of a full step). Comparisons of learning rates and "
         "the errors of `log_error` use every token; the training loss logged by epoch is on the subsets",
     )
+    attention: Literal["all", "output"] = Field(
+        "all",
+        description="'all': every pruned Linear of the decoder layer's attention is trained; 'output': only its output "
+        "projection is: the Linears before it keep their pruned weights, and what the output projection receives is "
+        "computed once per calibration window and reused, so a training step skips attention's forward and backward",
+    )
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="storage of the dense teacher's activations ('auto': the model's activations' dtype)"
     )

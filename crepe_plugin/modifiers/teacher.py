@@ -17,6 +17,7 @@ never change (unless mask moves are on, within N:M groups), and pruned weights s
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -160,6 +161,94 @@ def on_tokens(block: torch.nn.Module, name: str, tokens: torch.Tensor):
             h.remove()
 
 
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer's attention in a fit with ``attention: output``: its output
+    projection (the same module, at the same relative path) applied to what that projection
+    received on the current window, computed once (``attention_replay``), since every weight
+    before it is frozen."""
+
+    def __init__(self, path: str, proj: torch.nn.Module, inputs: list[torch.Tensor], tail: tuple | None):
+        super().__init__()
+        parent = self
+        *heads, last = path.split(".")
+        for h in heads:
+            parent.add_module(h, torch.nn.Module())
+            parent = getattr(parent, h)
+        parent.add_module(last, proj)
+        self.path, self.inputs, self.tail, self.window = path, inputs, tail, 0
+
+    def forward(self, *_args, **_kwargs):
+        out = self.get_submodule(self.path)(self.inputs[self.window].float())
+        return out if self.tail is None else type(self.tail)((out, *self.tail))
+
+
+@contextlib.contextmanager
+def _swapped(root: torch.nn.Module, path: str, module: torch.nn.Module):
+    """Within the context, ``root``'s submodule at ``path`` is ``module``."""
+    parent_path, _, last = path.rpartition(".")
+    parent = root.get_submodule(parent_path)
+    old = getattr(parent, last)
+    setattr(parent, last, module)
+    try:
+        yield
+    finally:
+        setattr(parent, last, old)
+
+
+@torch.no_grad()
+def attention_replay(attn: torch.nn.Module, name: str, run, windows: int, store) -> _Replay | None:
+    """For ``attention: output``: call ``run(b)`` (the fitted block's forward on window ``b``, at
+    the starting weights) for every window, and keep what ``attn``'s output projection -- the last
+    Linear (a 2-D weight) it calls -- receives. None when ``attn`` gets only its hidden states (it
+    is token-wise, so not attention: e.g. only the MLPs are pruned). Refuses an attention whose
+    output is not exactly its last Linear's output."""
+    calls, seen = [], {}
+    leaves = [(n, m) for n, m in attn.named_modules() if getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+
+    def pre(_m, args, kwargs):
+        _x, rest, kw = _split_call(args, kwargs)
+        seen["extra"] = bool(rest) or any(_holds_tensor(v) for v in kw.values())
+
+    def leaf(n):
+        return lambda _m, args, out: calls.append((n, store(args[0]), out))
+
+    def post(_m, _args, out):
+        seen["out"] = out
+        raise _Stop
+
+    hooks = [attn.register_forward_pre_hook(pre, with_kwargs=True), attn.register_forward_hook(post)]
+    hooks += [m.register_forward_hook(leaf(n)) for n, m in leaves]
+    inputs, path = [], None
+    try:
+        for b in range(windows):
+            calls.clear()
+            try:
+                run(b)
+            except _Stop:
+                pass
+            if not seen.get("extra"):
+                return None
+            if not calls or (path is not None and calls[-1][0] != path):
+                raise PruningError(
+                    f"local_reconstruction.attention: output reuses what the output projection of '{name}' receives, "
+                    f"but its last Linear is {'none' if not calls else repr(calls[-1][0]) + ' on one window and ' + repr(path) + ' on another'}; "
+                    "use attention: all"
+                )
+            path, x, out = calls[-1]
+            if not torch.equal(_first(seen["out"]), out):
+                raise PruningError(
+                    f"local_reconstruction.attention: output needs '{name}' to return its last Linear's output "
+                    f"('{path}') as it is, and it does not; use attention: all"
+                )
+            inputs.append(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = seen["out"]
+    tail = type(out)(None if isinstance(v, torch.Tensor) else v for v in out[1:]) if isinstance(out, (tuple, list)) else None
+    return _Replay(path, attn.get_submodule(path), inputs, tail)
+
+
 def _run(layer: torch.nn.Module, call: _Call, hidden: torch.Tensor) -> torch.Tensor:
     return _first(layer(hidden.to(call.hidden.dtype), *call.args, **call.kwargs))
 
@@ -242,6 +331,7 @@ def reconstruct_layer(
     compute_dtype: torch.dtype = torch.float32,
     backward_dtype: torch.dtype = torch.float32,
     mlp_tokens: float = 1.0,
+    attention: Literal["all", "output"] = "all",
     layer_name: str = "",
 ) -> list[tuple[str, BlockFit]]:
     """Fit the kept weights of ``layer``'s pruned Linears to the dense teacher, block by block.
@@ -253,29 +343,50 @@ def reconstruct_layer(
     ``fit_block``. ``mlp_tokens`` < 1: each training step of a block that holds the layer's MLP
     (``mlp_block``) runs the MLP on that fraction of the tokens and takes the loss there
     (``fit_block``'s ``token_fraction``); the attention block alone is fitted on every token.
+    ``attention``: 'output' trains, of the attention's Linears (the first block that holds a pruned
+    one and gets more than its hidden states), only its output projection; what that projection
+    receives is computed once per window at the start (``attention_replay``) and reused.
     Returns the fit of every block. Run it with every calibration hook disabled
     (``compat.llmcompressor.disable_hooks``).
     """
     fits = []
     mlp = mlp_block(layer, set(keep)) if mlp_tokens < 1 else None
+    attn = layer_blocks(layer, set(keep), "blocks")[:1] if attention == "output" else []
     for bname, block in layer_blocks(layer, set(keep), granularity):
         ins = block_inputs(layer, block, teacher.calls, teacher.store)
         lin = {m: f"{n}.weight" for n, m in block.named_modules() if m in keep}
-        by_name = {k: m for m, k in lin.items()}
         fixed = {k: v.float() for k, v in (*block.named_parameters(), *block.named_buffers()) if v.is_floating_point()}
 
         holds_mlp = mlp is not None and any(m is mlp[1] for m in block.modules())
 
-        def forward(params, b, tokens=None, block=block, ins=ins, by_name=by_name, fixed=fixed):
+        def forward(params, b, tokens=None, block=block, ins=ins, by_name={k: m for m, k in lin.items()}, fixed=fixed,
+                    replay=None, rel=""):  # fmt: skip
             full = dict(fixed)
             for k, w in params.items():  # (out, in) -> the module's stored layout (Conv1D: (in, out))
                 full[k] = w if isinstance(by_name[k], torch.nn.Linear) else w.t()
             x, rest, kw = ins[b]
             if tokens is not None:
                 tokens = tokens.to(x.device)
-            with on_tokens(mlp[1], f"{layer_name}.{mlp[0]}", tokens) if tokens is not None else contextlib.nullcontext():
-                out = _first(torch.func.functional_call(block, full, (x.float(), *rest), _floating(kw, torch.float32)))
+            module = block
+            if replay is not None:  # attention: output -- what the output projection receives on this window, cached
+                replay.window, module = b, (block if rel else replay)
+            with (on_tokens(mlp[1], f"{layer_name}.{mlp[0]}", tokens) if tokens is not None else contextlib.nullcontext(),
+                  _swapped(block, rel, replay) if replay is not None and rel else contextlib.nullcontext()):  # fmt: skip
+                out = _first(torch.func.functional_call(module, full, (x.float(), *rest), _floating(kw, torch.float32)))
             return out if tokens is None else out.index_select(-2, tokens)
+
+        rel = next((n for n, m in block.named_modules() if attn and m is attn[0][1]), None)
+        if rel is not None:  # the block holds the attention: freeze all but its output projection
+            start = {k: weight_out_in(m).detach().float() for m, k in lin.items()}
+            replay = attention_replay(attn[0][1], f"{layer_name}.{attn[0][0]}", lambda b, f=forward, p=start: f(p, b),
+                                      len(ins), teacher.store)  # fmt: skip
+            if replay is not None:
+                inside, proj = f"{rel}." if rel else "", f"{rel}.{replay.path}." if rel else f"{replay.path}."
+                frozen = {k for k in fixed if k.startswith(inside) and not k.startswith(proj)}
+                lin = {m: k for m, k in lin.items() if k not in frozen}
+                fixed = {k: v for k, v in fixed.items() if k not in frozen}
+                forward = functools.partial(forward, by_name={k: m for m, k in lin.items()}, fixed=fixed, replay=replay,
+                                            rel=rel)  # fmt: skip
 
         fit = fit_block(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
@@ -381,7 +492,7 @@ class LocalReconstructor:
                     nm=self.nm, dense_weights=self._dense_weights, col_scale=self._col_scale, seed=cfg.seed,
                     measure=cfg.log_error, guard=cfg.guard, trial=cfg.trial,
                     compute_dtype=getattr(torch, cfg.compute_dtype), backward_dtype=getattr(torch, cfg.backward_dtype),
-                    mlp_tokens=cfg.mlp_tokens, layer_name=self.decoder_layers[layer],
+                    mlp_tokens=cfg.mlp_tokens, attention=cfg.attention, layer_name=self.decoder_layers[layer],
                 )  # fmt: skip
         self.teacher.advance(out)
         self._epoch, self._dense_weights, self._col_scale = None, {}, {}
