@@ -36,6 +36,9 @@ RECIPES = {
                                         "      local_reconstruction:\n        mlp_tokens: 0.5\n",
                                         "mlp_tokens runs 'model.layers.0.self_attn' on a subset of tokens, but it is called "
                                         "with more than its hidden states"),
+    "an unknown attention choice": ("sparsity_stage:\n  sparsity_modifiers:\n    CRePEPruningModifier:\n"
+                                    "      mask_structure: '2:4'\n      local_reconstruction:\n        attention: frozen\n",
+                                    "local_reconstruction.attention: Input should be 'all' or 'output'"),
 }  # fmt: skip
 
 

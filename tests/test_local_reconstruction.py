@@ -615,19 +615,26 @@ def test_attention_output_trains_only_the_output_projection_and_lowers_each_laye
         before(self, layers)
 
     monkeypatch.setattr(CRePEPruningModifier, "after_layers", after_layers)
-    calls = []
-    hooks = [l.self_attn.k_proj.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
-             for l in model.model.layers]
-    lines = []
+    calls, hooks, lines = [], [], []
     sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: "local reconstruction" in r["message"])
     out = tmp_path / "o"
+    extra = f"        log_error: true\n        granularity: {granularity}\n"
     try:
-        _run(model, _recipe(epochs=3, lr=1e-3, extra=f"        attention: output\n        log_error: true\n"
-                                                        f"        granularity: {granularity}\n"), out)  # fmt: skip
+        _run(_load(save_tiny_llama(tmp_path / "m", layers=2, seed=3)), _recipe(epochs=3, lr=1e-3, extra=extra))
+        plain, lines[:] = list(lines), []
+        for h in hooks:
+            h.remove()
+        hooks = [l.self_attn.k_proj.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+                 for l in model.model.layers]  # fmt: skip
+        pruned.clear()
+        _run(model, _recipe(epochs=3, lr=1e-3, extra="        attention: output\n" + extra), out)
     finally:
         logger.remove(sink)
         for h in hooks:
             h.remove()
+    # the first layer's first block starts from the same weights on the same inputs: the replay gives the same error
+    first = [float(x.split("block output error ")[1].split(" -> ")[0]) for x in (plain[0], lines[0])]
+    assert first[0] == pytest.approx(first[1], rel=1e-6), (plain[0], lines[0])
     assert len(pruned) == 14
     for name, w in pruned.items():
         same = torch.equal(model.get_submodule(name).weight, w)
@@ -644,3 +651,55 @@ def test_attention_output_trains_only_the_output_projection_and_lowers_each_laye
     assert all(l.nm_ok for l in rep.layers if l.recorded) and len([l for l in rep.layers if l.recorded]) == 14
     with pytest.raises(ValidationError):
         LocalReconstruction(attention="none")
+
+
+def test_attention_output_skips_a_block_left_with_nothing_to_train(tmp_path):
+    """``attention: output`` when the output projection is not pruned: the attention block has
+    nothing to train and is skipped (with a warning that its pruned Linears get no repair), the MLP
+    is still fitted, and q, k and v stay 2:4 (o_proj dense)."""
+    from loguru import logger
+
+    model = _load(save_tiny_llama(tmp_path / "m", layers=1, seed=4))
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: "attention: output" in r["message"]
+                      or "local reconstruction" in r["message"])  # fmt: skip
+    try:
+        _run(model, _recipe(epochs=2, lr=1e-3, extra="        attention: output\n        granularity: blocks\n"
+                                                      "      ignore: ['lm_head', 're:.*o_proj']\n"))  # fmt: skip
+    finally:
+        logger.remove(sink)
+    assert any("trains only 'o_proj', which is not pruned" in x for x in lines), lines
+    assert any("self_attn: local reconstruction, nothing to train" in x for x in lines), lines
+    assert any(".mlp: local reconstruction, training loss" in x for x in lines), lines
+    attn = model.model.layers[0].self_attn
+    assert is_nm(attn.q_proj.weight, 2, 4) and not is_nm(attn.o_proj.weight, 2, 4)
+
+
+def test_attention_output_on_gpt2s_conv1d_attention(tmp_path, monkeypatch):
+    """GPT-2 (Conv1D, q/k/v fused in ``c_attn``): ``attention: output`` keeps ``c_attn`` as pruned,
+    trains ``c_proj`` and the MLP, and each layer's error falls."""
+    from loguru import logger
+
+    from crepe_plugin.modifiers import CRePEPruningModifier
+    from crepe_plugin.testing import save_tiny_gpt2
+
+    model = _load(save_tiny_gpt2(tmp_path / "m", layers=2, seed=1))
+    pruned, before = {}, CRePEPruningModifier.after_layers
+
+    def after_layers(self, layers):
+        pruned.update({name: m.weight.detach().clone() for name, m in layers.items()})
+        before(self, layers)
+
+    monkeypatch.setattr(CRePEPruningModifier, "after_layers", after_layers)
+    lines = []
+    sink = logger.add(lambda m: lines.append(str(m)), format="{message}", filter=lambda r: "local reconstruction" in r["message"])
+    try:
+        _run(model, _recipe(epochs=3, lr=1e-3, extra="        attention: output\n        log_error: true\n"))
+    finally:
+        logger.remove(sink)
+    assert len(pruned) == 8 and len(lines) == 2
+    for name, w in pruned.items():
+        assert torch.equal(model.get_submodule(name).weight, w) == name.endswith("c_attn"), name
+    for line in lines:
+        b, a = (float(x.split(",")[0]) for x in line.split("block output error ")[1].split(" -> "))
+        assert a < b, line

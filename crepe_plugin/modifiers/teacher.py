@@ -6,7 +6,8 @@ The pipeline feeds decoder layer L the output of layers 0..L-1 *as pruned* (the 
 layer 0 it is the pipeline's own input; afterwards it is the dense layer's output on the dense
 stream, computed before the layer is pruned. Memory: one extra activation set (the dense inputs
 of the current layer, replaced batch by batch by its dense outputs), plus, with
-``granularity: blocks``, the teacher outputs of the attention block.
+``granularity: blocks``, the teacher outputs of the attention block, and with ``attention: output``
+what the attention's output projection receives (heads x head_dim per token) while its layer is fitted.
 
 ``reconstruct_layer`` then fits the kept weights of the decoder layer, block by block (its
 attention, then its MLP, or the whole layer), so that each block's output on the sparse stream
@@ -179,7 +180,7 @@ class _Replay(torch.nn.Module):
 
     def forward(self, *_args, **_kwargs):
         out = self.get_submodule(self.path)(self.inputs[self.window].float())
-        return out if self.tail is None else type(self.tail)((out, *self.tail))
+        return out if self.tail is None else (out, *self.tail)
 
 
 @contextlib.contextmanager
@@ -210,7 +211,7 @@ def attention_replay(attn: torch.nn.Module, name: str, run, windows: int, store)
         seen["extra"] = bool(rest) or any(_holds_tensor(v) for v in kw.values())
 
     def leaf(n):
-        return lambda _m, args, out: calls.append((n, store(args[0]), out))
+        return lambda _m, args, out: calls.append((n, args[0], out))
 
     def post(_m, _args, out):
         seen["out"] = out
@@ -240,12 +241,12 @@ def attention_replay(attn: torch.nn.Module, name: str, run, windows: int, store)
                     f"local_reconstruction.attention: output needs '{name}' to return its last Linear's output "
                     f"('{path}') as it is, and it does not; use attention: all"
                 )
-            inputs.append(x)
+            inputs.append(store(x))
     finally:
         for h in hooks:
             h.remove()
     out = seen["out"]
-    tail = type(out)(None if isinstance(v, torch.Tensor) else v for v in out[1:]) if isinstance(out, (tuple, list)) else None
+    tail = tuple(None if _holds_tensor(v) else v for v in out[1:]) if isinstance(out, (tuple, list)) else None
     return _Replay(path, attn.get_submodule(path), inputs, tail)
 
 
@@ -343,15 +344,24 @@ def reconstruct_layer(
     ``fit_block``. ``mlp_tokens`` < 1: each training step of a block that holds the layer's MLP
     (``mlp_block``) runs the MLP on that fraction of the tokens and takes the loss there
     (``fit_block``'s ``token_fraction``); the attention block alone is fitted on every token.
-    ``attention``: 'output' trains, of the attention's Linears (the first block that holds a pruned
-    one and gets more than its hidden states), only its output projection; what that projection
-    receives is computed once per window at the start (``attention_replay``) and reused.
+    ``attention``: 'output' trains, of the attention's Linears (the layer's first child with a
+    Linear, if it holds a pruned one and gets more than its hidden states), only its output
+    projection; what that projection receives is computed once per window at the start
+    (``attention_replay``; stored as the teacher's activations, or in the sparse stream's dtype)
+    and reused. A block left with nothing to train is skipped.
     Returns the fit of every block. Run it with every calibration hook disabled
     (``compat.llmcompressor.disable_hooks``).
     """
     fits = []
     mlp = mlp_block(layer, set(keep)) if mlp_tokens < 1 else None
-    attn = layer_blocks(layer, set(keep), "blocks")[:1] if attention == "output" else []
+    attn = []  # attention: output -- the layer's first child with a Linear (its attention), if it holds a pruned one
+    if attention == "output":
+        first = next(((n, c) for n, c in layer.named_children()
+                      if any(getattr(m, "weight", None) is not None and m.weight.dim() == 2 for m in c.modules())), None)  # fmt: skip
+        if first is not None and any(m in keep for m in first[1].modules()):
+            attn = [first]
+        else:
+            logger.info(f"{layer_name}: attention: output changes nothing, the attention holds no pruned Linear")
     for bname, block in layer_blocks(layer, set(keep), granularity):
         ins = block_inputs(layer, block, teacher.calls, teacher.store)
         lin = {m: f"{n}.weight" for n, m in block.named_modules() if m in keep}
@@ -378,15 +388,25 @@ def reconstruct_layer(
         rel = next((n for n, m in block.named_modules() if attn and m is attn[0][1]), None)
         if rel is not None:  # the block holds the attention: freeze all but its output projection
             start = {k: weight_out_in(m).detach().float() for m, k in lin.items()}
-            replay = attention_replay(attn[0][1], f"{layer_name}.{attn[0][0]}", lambda b, f=forward, p=start: f(p, b),
-                                      len(ins), teacher.store)  # fmt: skip
-            if replay is not None:
+            name = f"{layer_name}.{attn[0][0]}"
+            store = teacher.store if teacher.storage_dtype is not None else (lambda t, d=ins[0][0].dtype: t.detach().to(d))
+            replay = attention_replay(attn[0][1], name, lambda b, f=forward, p=start: f(p, b), len(ins), store)
+            if replay is None:
+                logger.info(f"{name}: attention: output not applied, it is called with its hidden states only")
+            else:
                 inside, proj = f"{rel}." if rel else "", f"{rel}.{replay.path}." if rel else f"{replay.path}."
                 frozen = {k for k in fixed if k.startswith(inside) and not k.startswith(proj)}
+                if f"{proj}weight" not in set(lin.values()):
+                    logger.warning(f"{name}: attention: output trains only '{replay.path}', which is not pruned here; "
+                                   "the attention's pruned Linears get no repair from the fit")  # fmt: skip
                 lin = {m: k for m, k in lin.items() if k not in frozen}
                 fixed = {k: v for k, v in fixed.items() if k not in frozen}
                 forward = functools.partial(forward, by_name={k: m for m, k in lin.items()}, fixed=fixed, replay=replay,
                                             rel=rel)  # fmt: skip
+            del start
+        if not lin:  # attention: output on a block whose only pruned Linears are frozen
+            logger.info(f"{layer_name}.{bname or '*'}: local reconstruction, nothing to train (attention: output)")
+            continue
 
         fit = fit_block(
             forward, {k: weight_out_in(m).detach() for m, k in lin.items()}, {k: keep[m] for m, k in lin.items()},
@@ -412,6 +432,7 @@ def reconstruct_layer(
                                                "kept the block as pruned"))
         logger.info(f"{layer_name}.{bname or '*'}: local reconstruction, {what}"
                     + (f", {fit.mask_changes} mask moves" if mask_moves else ""))  # fmt: skip
+        forward = fit = None  # the replay's inputs (attention: output) go with the block
     return fits
 
 
