@@ -89,11 +89,10 @@ def problem(attention):
     if attention == "all":
         return forward, weights, keep
     replay = attention_replay(layer.self_attn, "self_attn", lambda b: forward(weights, b), a.windows, lambda t: t.detach())
-    proj = f"self_attn.{replay.path}."
-    trained = lambda k: not k.startswith("self_attn.") or k.startswith(proj)  # noqa: E731
-    fixed_o = {k: v for k, v in fixed.items() if trained(k)}
+    frozen = replay.frozen([*fixed, *weights], "self_attn")
+    fixed_o = {k: v for k, v in fixed.items() if k not in frozen}
     return (lambda params, b, tokens=None: forward(params, b, tokens, fixed_o, replay),
-            {k: v for k, v in weights.items() if trained(k)}, {k: v for k, v in keep.items() if trained(k)})
+            {k: v for k, v in weights.items() if k not in frozen}, {k: v for k, v in keep.items() if k not in frozen})
 
 
 print(f"{a.model} layer {a.layer}: {a.windows} windows x {a.seqlen} tokens, {torch.get_num_threads()} threads")

@@ -28,7 +28,7 @@ from loguru import logger
 from ..compat.compressed_tensors import match_named_modules, suspend_offloading
 from ..compat.llmcompressor import disable_hooks
 from ..core.errors import PruningError
-from ..core.layers import weight_out_in
+from ..core.layers import to_stored_layout, weight_out_in
 from ..core.local import BlockFit, LocalReconstruction, fit_block
 
 __all__ = ["TeacherStream", "LocalReconstructor", "reconstruct_layer", "layer_blocks"]
@@ -182,6 +182,18 @@ class _Replay(torch.nn.Module):
         out = self.get_submodule(self.path)(self.inputs[self.window].float())
         return out if self.tail is None else (out, *self.tail)
 
+    def frozen(self, names, rel: str) -> set[str]:
+        """Of the parameter and buffer ``names`` of a block whose attention sits at ``rel`` ("": the
+        block is the attention), those the replay leaves out: every one inside the attention but
+        its output projection's."""
+        inside = f"{rel}." if rel else ""
+        return {k for k in names if k.startswith(inside) and not k.startswith(f"{inside}{self.path}.")}
+
+
+def _has_matrix(m: torch.nn.Module) -> bool:
+    """A Linear-like module: one with a 2-D weight (Linear, Conv1D, ...)."""
+    return getattr(m, "weight", None) is not None and m.weight.dim() == 2
+
 
 @contextlib.contextmanager
 def _swapped(root: torch.nn.Module, path: str, module: torch.nn.Module):
@@ -204,7 +216,7 @@ def attention_replay(attn: torch.nn.Module, name: str, run, windows: int, store)
     is token-wise, so not attention: e.g. only the MLPs are pruned). Refuses an attention whose
     output is not exactly its last Linear's output."""
     calls, seen = [], {}
-    leaves = [(n, m) for n, m in attn.named_modules() if getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+    leaves = [(n, m) for n, m in attn.named_modules() if _has_matrix(m)]
 
     def pre(_m, args, kwargs):
         _x, rest, kw = _split_call(args, kwargs)
@@ -354,13 +366,11 @@ def reconstruct_layer(
     """
     fits = []
     mlp = mlp_block(layer, set(keep)) if mlp_tokens < 1 else None
-    attn = []  # attention: output -- the layer's first child with a Linear (its attention), if it holds a pruned one
+    attn = None  # attention: output -- the layer's first child with a Linear (its attention), if it holds a pruned one
     if attention == "output":
-        first = next(((n, c) for n, c in layer.named_children()
-                      if any(getattr(m, "weight", None) is not None and m.weight.dim() == 2 for m in c.modules())), None)  # fmt: skip
-        if first is not None and any(m in keep for m in first[1].modules()):
-            attn = [first]
-        else:
+        attn = next(((n, c) for n, c in layer.named_children() if any(_has_matrix(m) for m in c.modules())), None)
+        if attn is None or not any(m in keep for m in attn[1].modules()):
+            attn = None
             logger.info(f"{layer_name}: attention: output changes nothing, the attention holds no pruned Linear")
     for bname, block in layer_blocks(layer, set(keep), granularity):
         ins = block_inputs(layer, block, teacher.calls, teacher.store)
@@ -373,7 +383,7 @@ def reconstruct_layer(
                     replay=None, rel=""):  # fmt: skip
             full = dict(fixed)
             for k, w in params.items():  # (out, in) -> the module's stored layout (Conv1D: (in, out))
-                full[k] = w if isinstance(by_name[k], torch.nn.Linear) else w.t()
+                full[k] = to_stored_layout(by_name[k], w)
             x, rest, kw = ins[b]
             if tokens is not None:
                 tokens = tokens.to(x.device)
@@ -385,18 +395,17 @@ def reconstruct_layer(
                 out = _first(torch.func.functional_call(module, full, (x.float(), *rest), _floating(kw, torch.float32)))
             return out if tokens is None else out.index_select(-2, tokens)
 
-        rel = next((n for n, m in block.named_modules() if attn and m is attn[0][1]), None)
+        rel = next((n for n, m in block.named_modules() if attn is not None and m is attn[1]), None)
         if rel is not None:  # the block holds the attention: freeze all but its output projection
             start = {k: weight_out_in(m).detach().float() for m, k in lin.items()}
-            name = f"{layer_name}.{attn[0][0]}"
+            name = f"{layer_name}.{attn[0]}"
             store = teacher.store if teacher.storage_dtype is not None else (lambda t, d=ins[0][0].dtype: t.detach().to(d))
-            replay = attention_replay(attn[0][1], name, lambda b, f=forward, p=start: f(p, b), len(ins), store)
+            replay = attention_replay(attn[1], name, lambda b, f=forward, p=start: f(p, b), len(ins), store)
             if replay is None:
                 logger.info(f"{name}: attention: output not applied, it is called with its hidden states only")
             else:
-                inside, proj = f"{rel}." if rel else "", f"{rel}.{replay.path}." if rel else f"{replay.path}."
-                frozen = {k for k in fixed if k.startswith(inside) and not k.startswith(proj)}
-                if f"{proj}weight" not in set(lin.values()):
+                frozen = replay.frozen(fixed, rel)
+                if ".".join(filter(None, (rel, replay.path, "weight"))) not in set(lin.values()):
                     logger.warning(f"{name}: attention: output trains only '{replay.path}', which is not pruned here; "
                                    "the attention's pruned Linears get no repair from the fit")  # fmt: skip
                 lin = {m: k for m, k in lin.items() if k not in frozen}
